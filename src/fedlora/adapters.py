@@ -1,0 +1,126 @@
+"""Adapters through PEFT, and the factor groups every method reasons about.
+
+Factors are found structurally by walking PEFT's adapter layers (``LoraLayer``'s
+``lora_A``/``lora_B``, ``VeraLayer``'s ``vera_lambda_d``/``vera_lambda_b``, and
+``ModulesToSaveWrapper`` for the head), never by pattern-matching state-dict keys. Each
+trainable tensor gets a :class:`Factor`: its parameter name, the adapted module, the
+transformer layer index, and its role (``A``, ``B`` or ``head``). VeRA's ``lambda_d`` plays the
+role of ``A`` (shared, down side) and ``lambda_b`` the role of ``B``, as in the FedSA-LoRA code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ADAPTER = "default"
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str  # parameter name in model.named_parameters()
+    module: str  # adapted module path (PEFT wrapper prefix removed)
+    layer: int | None  # transformer layer index (None for the head)
+    role: str  # "A" | "B" | "head"
+
+
+def layer_index(module_name: str) -> int | None:
+    match = _LAYER_INDEX.search(f".{module_name}.")
+    return int(match.group(1)) if match else None
+
+
+def _peft_config(cfg: Any, head: list[str] | None) -> Any:
+    import peft  # noqa: PLC0415
+
+    common = {
+        "target_modules": list(cfg.target_modules),
+        "modules_to_save": head,
+        "layers_to_transform": cfg.layers,
+    }
+    if cfg.type == "vera":
+        return peft.VeraConfig(r=cfg.rank, vera_dropout=cfg.dropout, save_projection=True, **common)
+    return peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora, **common
+    )
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def find_factors(model: nn.Module) -> list[Factor]:
+    """Walk PEFT's adapter layers and name every trainable adapter tensor."""
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+    from peft.tuners.vera import VeraLayer  # noqa: PLC0415
+    from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415
+
+    factors: list[Factor] = []
+    for mname, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            for role, sub in (("A", module.lora_A[ADAPTER]), ("B", module.lora_B[ADAPTER])):
+                sub_name = f"{mname}.lora_{role}.{ADAPTER}"
+                for pname, _ in sub.named_parameters():
+                    factors.append(Factor(f"{sub_name}.{pname}", _strip(mname), layer_index(_strip(mname)), role))
+        elif isinstance(module, VeraLayer) and ADAPTER in module.vera_lambda_d:
+            for role, key in (("A", "vera_lambda_d"), ("B", "vera_lambda_b")):
+                factors.append(Factor(f"{mname}.{key}.{ADAPTER}", _strip(mname), layer_index(_strip(mname)), role))
+        elif isinstance(module, ModulesToSaveWrapper) and ADAPTER in module.modules_to_save:
+            for pname, _ in module.modules_to_save[ADAPTER].named_parameters():
+                factors.append(Factor(f"{mname}.modules_to_save.{ADAPTER}.{pname}", _strip(mname), None, "head"))
+    return factors
+
+
+class AdaptedModel:
+    """A PEFT model plus its factor table and state get/set by parameter name."""
+
+    def __init__(self, peft_model: nn.Module, factors: list[Factor]) -> None:
+        self.model = peft_model
+        self.factors = factors
+        named = dict(peft_model.named_parameters())
+        self.params: dict[str, nn.Parameter] = {f.name: named[f.name] for f in factors}
+        self.by_name = {f.name: f for f in factors}
+
+    def names(self, *, roles: tuple[str, ...] = ("A", "B", "head")) -> list[str]:
+        return [f.name for f in self.factors if f.role in roles]
+
+    def state(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Detached copies of the named tensors (all factors by default)."""
+        keys = self.params if names is None else names
+        return {k: self.params[k].detach().clone() for k in keys}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in state.items():
+                self.params[k].copy_(v)
+
+    def set_active(self, names: set[str] | frozenset[str]) -> None:
+        for k, p in self.params.items():
+            p.requires_grad_(k in names)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save the adapter as loaded now, in PEFT's own format."""
+        self.model.save_pretrained(str(directory))
+
+
+def inject_adapters(model: nn.Module, cfg: Any, seed: int, head: str = "classifier") -> AdaptedModel:
+    """Freeze ``model``, add adapters per ``cfg`` (an AdapterConfig); same init on every process."""
+    import peft  # noqa: PLC0415
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    peft_model = peft.get_peft_model(model, _peft_config(cfg, [head] if cfg.train_head else None))
+    factors = find_factors(peft_model)
+    if not any(f.role in ("A", "B") for f in factors):
+        from fedlora.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"adapter.target_modules {cfg.target_modules} matched no layer of the model")
+    adapted = AdaptedModel(peft_model, factors)
+    adapted.set_active(set(adapted.params))
+    return adapted

@@ -1,0 +1,109 @@
+"""Command line: ``fedlora run | methods | tasks``.
+
+Errors a user can cause are printed in one line (problem and fix) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fedlora.errors import FedloraError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Differentially private federated fine-tuning with LoRA adapters.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn a FedloraError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedloraError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _overrides(pairs: list[str], flags: dict[str, Any]) -> dict[str, Any]:
+    from fedlora.config import parse_override  # noqa: PLC0415
+
+    out = dict(parse_override(p) for p in pairs)
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out
+
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (defaults for every key left out)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. -s federation.rounds=5")]
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    method: Annotated[str | None, typer.Option(help="method name (see `fedlora methods`)")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="target epsilon per client")] = None,
+    rounds: Annotated[int | None, typer.Option(help="communication rounds")] = None,
+    clients: Annotated[int | None, typer.Option(help="number of clients")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of everything")] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="non-private reference run")] = False,
+    name: Annotated[str | None, typer.Option(help="run directory name under output.root")] = None,
+    out: Annotated[str | None, typer.Option(help="folder that holds run directories")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run one federated fine-tuning experiment and write a run directory."""
+    from fedlora.config import load_config  # noqa: PLC0415
+
+    flags = {"method.name": method, "privacy.epsilon": epsilon, "federation.rounds": rounds,
+             "federation.num_clients": clients, "train.seed": seed, "output.name": name, "output.root": out}
+    if no_dp:
+        flags["privacy.enabled"] = False
+    cfg = load_config(config, _overrides(set_ or [], flags))
+    from fedlora.experiment import run_experiment  # noqa: PLC0415
+
+    summary = run_experiment(cfg, progress=not quiet)
+    typer.echo(summary["line"])
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods."""
+    from fedlora.methods import available_methods  # noqa: PLC0415
+
+    for name, desc in available_methods().items():
+        typer.echo(f"{name:14s} {desc}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the tasks and whether they run offline here."""
+    from fedlora.tasks import available_tasks  # noqa: PLC0415
+
+    for name, desc in available_tasks().items():
+        typer.echo(f"{name:22s} {desc}")
+
+
+def main() -> None:  # pragma: no cover
+    start = time.time()
+    try:
+        app()
+    finally:
+        if os.environ.get("FEDLORA_TIMING"):
+            print(f"[{time.time() - start:.1f}s]", file=sys.stderr)

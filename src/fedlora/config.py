@@ -1,0 +1,241 @@
+"""One validated experiment config.
+
+A run is described by one :class:`ExperimentConfig` with eight sections (task, adapter,
+method, federation, privacy, train, eval, output). It is read from YAML, updated with
+``key.path=value`` overrides from the command line, validated by pydantic (unknown keys are
+refused with a did-you-mean), and saved, resolved, beside every result.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedlora.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    """What is learned, from which data, with which pretrained model."""
+
+    name: str = Field("text-classification", description="task in the task registry")
+    dataset: str = Field(
+        "rotten-tomatoes",
+        description="offline dataset name, a local CSV/JSON/parquet file, or a Hugging Face datasets name",
+    )
+    dataset_config: str | None = Field(None, description="datasets config name (e.g. a GLUE task)")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when no test split exists")
+    max_train_examples: int | None = Field(None, gt=0, description="cap on the training split (seeded subset)")
+    max_test_examples: int | None = Field(None, gt=0, description="cap on the test split (seeded subset)")
+    model: str = Field("minilm", description="'minilm' (offline default), a model name or a local path")
+    num_layers: int | None = Field(None, gt=0, description="keep only the first N transformer layers")
+    max_length: int = Field(48, gt=0, description="tokens per example (dynamic padding below it)")
+    pooling: Literal["mean", "cls"] = "mean"
+    cache_prefix: bool = Field(
+        True, description="cache the frozen layers below the first adapted layer (exact, much faster)"
+    )
+
+
+class AdapterConfig(_Section):
+    """LoRA (or VeRA) adapters injected through PEFT."""
+
+    type: Literal["lora", "vera"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(8.0, gt=0, description="scale s = alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    rslora: bool = False
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    layers: list[int] | None = Field(None, description="adapt only these transformer layers")
+    train_head: bool = Field(True, description="train the classification head")
+    federate_head: bool = Field(True, description="send the head to the server (else it stays local)")
+
+
+class MethodConfig(_Section):
+    """A registered method by name, or its four seams named explicitly."""
+
+    name: str = "dp-lora"
+    plan: str | None = None
+    schedule: str | None = None
+    upload: str | None = None
+    aggregate: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific knobs")
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(10, gt=0)
+    clients_per_round: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round")
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    min_client_size: int = Field(8, ge=1, description="Dirichlet draws are repeated until every client has this many")
+    rounds: int = Field(10, gt=0)
+    local_steps: int = Field(10, gt=0)
+    weighting: Literal["data-size", "uniform"] = "data-size"
+
+
+class PrivacyConfig(_Section):
+    """Sample-level DP-SGD on every client (see docs/privacy.md)."""
+
+    enabled: bool = True
+    epsilon: float = Field(3.0, description="target epsilon per client, > 0")
+    delta: float = Field(1e-5, description="target delta per client, in (0, 1)")
+    clip_norm: float = Field(2.0, gt=0, description="per-sample L2 clipping bound C (flat over active tensors)")
+    accountant: Literal["prv", "rdp"] = "prv"
+    max_sample_rate: float = Field(
+        0.25, gt=0, le=1, description="cap on a client's Poisson rate q = batch/n (small clients)"
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="fix sigma instead of calibrating it from epsilon"
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> PrivacyConfig:
+        if not self.epsilon > 0:
+            raise ValueError(f"privacy.epsilon must be > 0 (got {self.epsilon}); use --no-dp for a non-private run")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta must be in (0, 1) (got {self.delta}); 1e-5 is the usual choice")
+        return self
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, gt=0, description="expected (Poisson) batch size per local step")
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, gt=0, description="evaluate the global model every k rounds (and at the end)")
+    batch_size: int = Field(256, gt=0)
+
+
+class OutputConfig(_Section):
+    root: str = Field("runs", description="folder that holds run directories")
+    name: str | None = Field(None, description="run directory name (default: method-timestamp)")
+    checkpoint_every: int = Field(1, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="keep the last N round checkpoints")
+
+
+class ExperimentConfig(_Section):
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ExperimentConfig:
+        if self.adapter.federate_head and not self.adapter.train_head:
+            # A frozen head is identical everywhere; nothing to federate.
+            self.adapter.federate_head = False
+        if self.federation.num_clients * self.federation.clients_per_round < 1:
+            raise ValueError("federation.clients_per_round samples no client; raise it or add clients")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    if first["type"] == "extra_forbidden":
+        hint = _did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
+        return f"unknown config key '{where}'{hint}; see configs/demo.yaml for the known keys"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return msg
+    return f"config key '{where}': {msg} (got {first.get('input')!r})"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.path=value``; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value, e.g. federation.rounds=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(tree: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Validate a config tree plus dotted overrides; raise :class:`ConfigError` in one line."""
+    tree = dict(tree or {})
+    for key, value in (overrides or {}).items():
+        _set_path(tree, key, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or none: all defaults) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass a YAML file such as configs/demo.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{at}; fix the syntax there") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text; save it as UTF-8") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections (task:, method:, ...)")
+        tree = loaded
+    return build_config(tree, overrides)

@@ -1,0 +1,203 @@
+"""The in-process engine: the round loop, written once against the four seams.
+
+Each round: the method plans, the server samples clients, every sampled client runs
+:func:`run_client` from the global download and its own kept state, the method aggregates,
+the server evaluates, and the round is logged (metrics, privacy ledger) and checkpointed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.config import ExperimentConfig
+from fedlora.errors import BudgetExhausted
+from fedlora.federation.client import ClientResult, ClientSpec, ClientState, run_client
+from fedlora.federation.partition import label_histograms, partition
+from fedlora.federation.runtime import Runtime
+from fedlora.federation.server import aggregate_round, sample_clients, state_bytes
+from fedlora.methods import Method, MethodSetup, PlanContext, build_method
+from fedlora.methods.base import State
+from fedlora.privacy.accounting import calibrate_noise, epsilon, step_budget
+from fedlora.privacy.dpsgd import DPParams
+from fedlora.report.rundir import RunDir
+from fedlora.tasks import majority_rate
+
+
+@dataclass
+class RunResult:
+    rounds_done: int
+    metrics: list[dict[str, Any]]
+    global_state: State
+    stop_reason: str | None
+    seconds: float
+
+    @property
+    def final(self) -> dict[str, Any]:
+        evaluated = [m for m in self.metrics if "accuracy" in m]
+        return evaluated[-1] if evaluated else {}
+
+
+def build_method_for(cfg: ExperimentConfig) -> Method:
+    setup = MethodSetup(cfg.method.options, cfg.adapter.federate_head, cfg.federation.rounds, cfg.train.seed)
+    return build_method(cfg.method.name, setup)
+
+
+def client_specs(cfg: ExperimentConfig, parts: list[np.ndarray]) -> list[ClientSpec]:
+    """Poisson rate and calibrated sigma per client (its own size, its own sigma)."""
+    fed, dp = cfg.federation, cfg.privacy
+    planned = fed.rounds * fed.local_steps  # worst case: sampled every round
+    specs = []
+    for cid, idx in enumerate(parts):
+        q = min(cfg.train.batch_size / len(idx), dp.max_sample_rate)
+        if not dp.enabled:
+            specs.append(ClientSpec(cid, idx, q, None, planned))
+            continue
+        common = {"target_epsilon": dp.epsilon, "target_delta": dp.delta, "accountant": dp.accountant}
+        if dp.noise_multiplier is None:
+            sigma, budget = calibrate_noise(sample_rate=q, steps=planned, **common), planned
+        else:
+            sigma = dp.noise_multiplier
+            budget = step_budget(noise_multiplier=sigma, sample_rate=q, max_steps=planned, **common)
+        specs.append(ClientSpec(cid, idx, q, DPParams(sigma, dp.clip_norm, q * len(idx)), budget))
+    return specs
+
+
+class Simulation:
+    """All clients in one process, sharing one frozen backbone."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: RunDir | None = None, runtime: Runtime | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.method = build_method_for(cfg)
+        self.rt = runtime or Runtime(cfg)
+        fed = cfg.federation
+        labels = self.rt.task.train.labels
+        self.parts = partition(labels, scheme=fed.partition, num_clients=fed.num_clients,
+                               alpha=fed.dirichlet_alpha, seed=cfg.train.seed, min_size=fed.min_client_size)
+        self.histograms = label_histograms(labels, self.parts, self.rt.task.num_labels)
+        self.specs = client_specs(cfg, self.parts)
+        init = self.rt.adapted.state()
+        factors = self.rt.adapted.factors
+        self.local_keys = frozenset(f.name for f in factors if f.role in self.method.local_roles)
+        self.init_local = {k: init[k] for k in sorted(self.local_keys)}
+        self.global_state: State = {k: v for k, v in init.items() if k not in self.local_keys}
+        self.clients = [ClientState({k: v.clone() for k, v in self.init_local.items()}) for _ in self.specs]
+        self.memory: dict[str, Any] = {}
+        self.round = 0
+        self.metrics: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ reporting
+    def ledger(self) -> list[dict[str, Any]]:
+        dp = self.cfg.privacy
+        rows = []
+        for spec, state in zip(self.specs, self.clients, strict=True):
+            sigma = spec.dp.noise_multiplier if spec.dp else None
+            eps = epsilon([(sigma, spec.sample_rate, state.dp_steps)], delta=dp.delta, accountant=dp.accountant) if spec.dp else None
+            rows.append({"client": spec.cid, "examples": len(spec.indices), "epsilon": eps,
+                         "delta": dp.delta if spec.dp else None, "sigma": sigma,
+                         "sample_rate": spec.sample_rate, "steps": state.dp_steps,
+                         "step_budget": spec.step_budget, "accountant": dp.accountant if spec.dp else None})
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method.name, "clients": [len(p) for p in self.parts],
+                "label_histograms": self.histograms,
+                "majority_rate": majority_rate(self.rt.task.test.labels),
+                "trainable_parameters": int(sum(self.rt.adapted.params[k].numel() for k in self.rt.adapted.params)),
+                "dp": self.cfg.privacy.enabled,
+                "sigma": [s.dp.noise_multiplier if s.dp else None for s in self.specs]}
+
+    def evaluate(self) -> dict[str, float]:
+        self.rt.adapted.load(self.init_local)
+        return self.rt.evaluate(self.global_state)
+
+    # ------------------------------------------------------------------ one round
+    def plan_context(self, rnd: int) -> PlanContext:
+        return PlanContext(rnd, self.cfg.federation.rounds, self.rt.adapted.factors, sorted(self.global_state),
+                           self.local_keys, self.memory, self.cfg.train.seed)
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        fed, seed = self.cfg.federation, self.cfg.train.seed
+        start = time.perf_counter()
+        ctx = self.plan_context(rnd)
+        plan = self.method.plan(ctx)
+        sampled = sample_clients(fed.num_clients, fed.clients_per_round, seed=seed, round=rnd)
+        over = [c for c in sampled if self.clients[c].dp_steps + fed.local_steps > self.specs[c].step_budget]
+        if over:
+            raise BudgetExhausted(
+                f"stopped before round {rnd}: client {over[0]} would pass its epsilon={self.cfg.privacy.epsilon} "
+                f"target (budget {self.specs[over[0]].step_budget} steps); lower rounds or fix the noise lower"
+            )
+        download = {k: self.global_state[k] for k in plan.download}
+        results: list[ClientResult] = []
+        for c in sampled:
+            res = run_client(self.rt, self.method, plan, download, self.specs[c], self.clients[c],
+                             local_steps=fed.local_steps, seed=seed)
+            self.clients[c] = res.state
+            results.append(res)
+        uploads = [r.upload for r in results]
+        sizes = [len(self.specs[c].indices) for c in sampled]
+        self.global_state = aggregate_round(self.method, ctx, plan, self.global_state, uploads, sizes, fed.weighting)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": sampled,
+            "train_loss": float(np.nanmean([r.loss for r in results])) if results else None,
+            "bytes_up": sum(state_bytes(u) for u in uploads),
+            "bytes_down": state_bytes(download) * len(sampled),
+        }
+        if rnd % self.cfg.eval.every == 0 or rnd == fed.rounds:
+            record.update(self.evaluate())
+        ledger = self.ledger()
+        eps = [row["epsilon"] for row in ledger if row["epsilon"] is not None]
+        record["epsilon"] = max(eps) if eps else None
+        record["privacy"] = ledger
+        record.update({f"plan_{k}": v for k, v in plan.info.items()})
+        record["seconds"] = time.perf_counter() - start
+        return record
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+        t0 = time.perf_counter()
+        stop_reason = None
+        for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
+            try:
+                record = self.run_round(rnd)
+            except BudgetExhausted as err:
+                stop_reason = str(err)
+                break
+            self.round = rnd
+            self.metrics.append(record)
+            if self.run_dir is not None:
+                self.run_dir.append_metrics(record)
+                if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
+                    self.checkpoint(rnd)
+            if on_round is not None:
+                on_round(record)
+        return RunResult(self.round, self.metrics, self.global_state, stop_reason, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ persistence
+    def save_adapter(self, directory) -> None:
+        """The global adapter in PEFT format (local-only tensors at their initial values)."""
+        self.rt.adapted.load(self.init_local)
+        self.rt.adapted.load(self.global_state)
+        self.rt.adapted.save_pretrained(directory)
+
+    def checkpoint(self, rnd: int) -> None:
+        from fedlora.federation.checkpoint import save_checkpoint  # noqa: PLC0415
+
+        assert self.run_dir is not None
+        save_checkpoint(self, self.run_dir.checkpoint_dir(rnd))
+        self.run_dir.prune_checkpoints(self.cfg.output.keep_checkpoints)
+
+
+def as_cpu(state: State) -> State:
+    return {k: v.detach().to("cpu") for k, v in state.items()}
+
+
+__all__ = ["RunResult", "Simulation", "as_cpu", "torch"]

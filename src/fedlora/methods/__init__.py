@@ -1,0 +1,16 @@
+"""Methods: one file per paper, each a composition of the four seams. Importing registers them."""
+
+from fedlora.methods import dp_lora  # noqa: F401
+from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan
+from fedlora.methods.registry import MethodSetup, available_methods, build_method, register_method
+
+__all__ = [
+    "ClientTrace",
+    "Method",
+    "MethodSetup",
+    "PlanContext",
+    "RoundPlan",
+    "available_methods",
+    "build_method",
+    "register_method",
+]

@@ -1,0 +1,85 @@
+"""The four seams a method is made of: plan, local schedule, upload, aggregate.
+
+A :class:`Method` is nothing but one object per seam plus the roles it keeps on the client.
+The round loop (``fedlora.federation``) is written once against these interfaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fedlora.adapters import Factor
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server decided for one round."""
+
+    round: int  # 1-based
+    trainable: frozenset[str]  # parameter names trained this round
+    download: tuple[str, ...]  # global-state keys sent to the clients
+    info: dict[str, Any] = field(default_factory=dict)  # logged with the round (e.g. factor choices)
+
+
+@dataclass
+class PlanContext:
+    """What a plan may look at: the round, the factor table, the server's method memory."""
+
+    round: int
+    rounds: int
+    factors: list[Factor]
+    global_keys: list[str]
+    local_keys: frozenset[str]
+    memory: dict[str, Any]  # method-owned server memory (checkpointed)
+    seed: int
+
+    def names(self, *roles: str) -> frozenset[str]:
+        """Trainable (non-frozen) parameter names with the given roles."""
+        return frozenset(f.name for f in self.factors if f.role in roles)
+
+
+@dataclass
+class ClientTrace:
+    """What the local loop saw that an upload may use (post-processing only)."""
+
+    last_grads: dict[str, torch.Tensor]  # privatised gradient of the last step, per active tensor
+    noise_std: float  # per-coordinate std of the noise in last_grads (sigma*C/B_exp; 0 without DP)
+    steps: int
+
+
+class Plan(Protocol):
+    def __call__(self, ctx: PlanContext) -> RoundPlan: ...
+
+
+class Schedule(Protocol):
+    def active(self, plan: RoundPlan, step: int) -> frozenset[str]: ...
+
+    def transform(self, grads: State, plan: RoundPlan, step: int) -> State: ...
+
+
+class Upload(Protocol):
+    def __call__(self, plan: RoundPlan, before: State, after: State, trace: ClientTrace) -> State: ...
+
+
+class Aggregate(Protocol):
+    def __call__(self, ctx: PlanContext, plan: RoundPlan, global_state: State, uploads: list[State], weights: list[float]) -> State: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method: four seams, plus the factor roles that never leave the client."""
+
+    name: str
+    plan: Plan
+    schedule: Schedule
+    upload: Upload
+    aggregate: Aggregate
+    local_roles: tuple[str, ...] = ()
+    frozen_roles: tuple[str, ...] = ()  # roles never trained (FFA's A); kept bitwise as initialised
+    exact: bool = False  # the server keeps exactly the weighted mean of client products
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in the saved config / summary

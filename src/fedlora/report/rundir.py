@@ -1,0 +1,74 @@
+"""One run directory per experiment: config, metrics.jsonl, checkpoints, final adapter, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import FedloraError
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A fresh directory; an existing one is never overwritten."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metrics_path = path / "metrics.jsonl"
+        self.checkpoints = path / "checkpoints"
+
+    @classmethod
+    def create(cls, root: str | Path, name: str | None, default_stem: str) -> RunDir:
+        root = Path(root)
+        if name is not None:
+            path = root / name
+            if path.exists():
+                raise FedloraError(f"run directory '{path}' already exists; choose another output.name or remove it")
+        else:
+            stem = f"{default_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+            path, i = root / stem, 1
+            while path.exists():
+                i += 1
+                path = root / f"{stem}-{i}"
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            raise FedloraError(f"run directory '{path}' already exists; choose another output.name") from None
+        except OSError as err:
+            raise FedloraError(f"cannot create run directory '{path}' ({err.strerror}); check output.root") from None
+        return cls(path)
+
+    def write_config(self, yaml_text: str) -> None:
+        _atomic_write(self.path / "config.yaml", yaml_text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        _atomic_write(self.path / name, json.dumps(data, indent=2, default=float) + "\n")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+
+    def checkpoint_dir(self, round: int) -> Path:
+        return self.checkpoints / f"round_{round}"
+
+    def prune_checkpoints(self, keep: int) -> None:
+        if not self.checkpoints.exists():
+            return
+        rounds = sorted(int(p.name.split("_")[1]) for p in self.checkpoints.glob("round_*") if p.name.split("_")[1].isdigit())
+        for r in rounds[:-keep]:
+            shutil.rmtree(self.checkpoint_dir(r), ignore_errors=True)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,92 @@
+"""The task interface and its registry.
+
+A task brings its data, its model, its batching and its metric. Nothing outside ``tasks/``
+knows about datasets or tokenizers: the federation sees a :class:`Task` with a training set,
+a test set, ``build_model()``, ``batch()``, ``loss()`` and ``evaluate()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlora.errors import ConfigError
+
+
+@dataclass
+class ExampleSet:
+    """Examples of one split: per-example feature arrays plus integer labels."""
+
+    features: dict[str, list[np.ndarray]]  # name -> one array per example (variable length)
+    labels: np.ndarray  # (n,) int64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> ExampleSet:
+        idx = [int(i) for i in indices]
+        return ExampleSet(
+            {k: [v[i] for i in idx] for k, v in self.features.items()}, self.labels[idx], self.extra
+        )
+
+
+class Task(Protocol):
+    """What the federation needs from a task."""
+
+    name: str
+    train: ExampleSet
+    test: ExampleSet
+    num_labels: int
+    label_names: list[str]
+
+    def build_model(self) -> nn.Module: ...
+
+    def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example losses, shape (batch,)."""
+        ...
+
+    def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]: ...
+
+
+TaskFactory = Callable[..., Task]
+_TASKS: dict[str, tuple[TaskFactory, str]] = {}
+
+
+def register_task(name: str, description: str) -> Callable[[TaskFactory], TaskFactory]:
+    def deco(factory: TaskFactory) -> TaskFactory:
+        if name in _TASKS:
+            raise ValueError(f"task '{name}' is already registered")
+        _TASKS[name] = (factory, description)
+        return factory
+
+    return deco
+
+
+def available_tasks() -> dict[str, str]:
+    return {name: desc for name, (_, desc) in sorted(_TASKS.items())}
+
+
+def build_task(cfg: Any, seed: int) -> Task:
+    """Build the task named by ``cfg.name`` (a :class:`fedlora.config.TaskConfig`)."""
+    if cfg.name not in _TASKS:
+        known = ", ".join(sorted(_TASKS))
+        raise ConfigError(f"unknown task '{cfg.name}'; known tasks: {known}")
+    return _TASKS[cfg.name][0](cfg, seed)
+
+
+def majority_rate(labels: np.ndarray) -> float:
+    return float(np.bincount(labels).max() / max(len(labels), 1))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(-1) == labels).float().mean().item()
+    return {"accuracy": acc, "loss": loss}

