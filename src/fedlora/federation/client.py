@@ -75,7 +75,7 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
     if spec.dp is None:
         losses = task.loss(adapted.model, batch)
         grads = torch.autograd.grad(losses.mean(), list(params.values()))
-        return dict(zip(params, grads, strict=True)), float(losses.mean())
+        return dict(zip(params, grads, strict=True)), float(losses.detach().mean())
     rt.hooks.enabled = True
     try:
         losses = task.loss(adapted.model, batch)  # (batch,)
@@ -93,7 +93,7 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
         per_sample.update(
             loop_per_sample(sub, lambda i: task.loss(adapted.model, {k: v[i] for k, v in batch.items()}), len(rows))
         )
-    return privatize(per_sample, spec.dp, gen), float(losses.mean())
+    return privatize(per_sample, spec.dp, gen), float(losses.detach().mean())
 
 
 def run_client(

@@ -1,0 +1,99 @@
+"""DP step time / non-private step time, measured side by side in one run.
+
+Both steps use the same model, batch, active tensors and Poisson batch; the DP step adds the
+fused per-sample gradients (hooks + einsum), flat clipping and Gaussian noise. Also times
+Opacus's hook-based per-sample gradients (GradSampleModule) on the same step for reference.
+
+    python benchmarks/dp_overhead.py                       # the demo model (configs/demo.yaml)
+    python benchmarks/dp_overhead.py --set task.num_layers=6 --set adapter.layers=null
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from fedlora.config import load_config, parse_override
+from fedlora.federation.client import ClientSpec, local_gradients
+from fedlora.federation.runtime import Runtime
+from fedlora.privacy.dpsgd import DPParams, privatize
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--set", action="append", default=[], help="config override key=value")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--no-opacus", action="store_true")
+    args = ap.parse_args()
+    overrides = dict(parse_override(s) for s in args.set)
+    overrides.setdefault("task.max_train_examples", 2000)
+    overrides.setdefault("task.max_test_examples", 64)
+    cfg = load_config(args.config, overrides)
+    rt = Runtime(cfg)
+    n = len(rt.task.train)
+    rows = np.random.default_rng(0).choice(n, size=args.batch, replace=False)
+    active = sorted(rt.adapted.params)
+    rt.adapted.set_active(set(active))
+    gen = torch.Generator().manual_seed(0)
+    plain = ClientSpec(0, np.arange(n), args.batch / n, None, 1)
+    private = ClientSpec(0, np.arange(n), args.batch / n, DPParams(1.0, 2.0, args.batch), 1)
+
+    def step(spec):
+        return lambda: local_gradients(rt, spec, rows, active, gen)
+
+    variants = {"non-private": step(plain), "dp (fused)": step(private)}
+    if not args.no_opacus:
+        variants["dp (opacus hooks)"] = opacus_step(rt, rows, active, gen)
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+        for k, fn in variants.items():
+            times[k] += timed(fn, 1)
+    base = statistics.median(times["non-private"])
+    print(f"model: {cfg.task.model}, layers {cfg.task.num_layers}, adapted {cfg.adapter.layers or 'all'}, "
+          f"rank {cfg.adapter.rank}, batch {args.batch}, threads {torch.get_num_threads()}, device {rt.device}")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{k:20s} {1000 * med:8.1f} ms/step   ratio to non-private {med / base:5.3f}")
+
+
+def opacus_step(rt: Runtime, rows: np.ndarray, active: list[str], gen: torch.Generator):
+    """Opacus GradSampleModule per-sample gradients + the same clip/noise, for reference."""
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(rt.adapted.model, batch_first=True, loss_reduction="sum")
+    params = {k: rt.adapted.params[k] for k in active}
+    batch = rt.task.batch(rt.task.train, rows, rt.device)
+    dp = DPParams(1.0, 2.0, len(rows))
+
+    def step():
+        losses = rt.task.loss(gsm, batch)
+        losses.sum().backward()
+        per_sample = {k: p.grad_sample for k, p in params.items()}
+        out = privatize(per_sample, dp, gen)
+        for p in params.values():
+            p.grad = None
+            p.grad_sample = None
+        return out
+
+    return step
+
+
+if __name__ == "__main__":
+    main()
