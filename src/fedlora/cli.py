@@ -41,6 +41,18 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def quiet_libraries() -> None:
+    """Library progress bars and warnings would break the one-line summary/error contract."""
+    import warnings  # noqa: PLC0415
+
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
 def _overrides(pairs: list[str], flags: dict[str, Any]) -> dict[str, Any]:
     from fedlora.config import parse_override  # noqa: PLC0415
 
@@ -76,6 +88,7 @@ def run(
     if no_dp:
         flags["privacy.enabled"] = False
     cfg = load_config(config, _overrides(set_ or [], flags))
+    quiet_libraries()
     from fedlora.experiment import run_experiment  # noqa: PLC0415
 
     summary = run_experiment(cfg, progress=not quiet)

@@ -28,6 +28,7 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
+    RunDir.check_free(cfg.output.root, cfg.output.name)  # fail fast, before minutes of loading
     sim = Simulation(cfg)  # data and model load before anything is written
     run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
     sim.run_dir = run_dir

@@ -51,10 +51,10 @@ def test_history_entries_with_equal_parameters_compose_like_one():
 
 
 def test_step_budget_is_the_last_step_within_target():
-    n = step_budget(noise_multiplier=0.8, sample_rate=0.1, target_epsilon=2.0, target_delta=1e-5, max_steps=5000, accountant="rdp")
+    n = step_budget(noise_multiplier=1.5, sample_rate=0.1, target_epsilon=2.0, target_delta=1e-5, max_steps=5000, accountant="rdp")
     assert 0 < n < 5000
-    assert epsilon([(0.8, 0.1, n)], delta=1e-5, accountant="rdp") <= 2.0
-    assert epsilon([(0.8, 0.1, n + 1)], delta=1e-5, accountant="rdp") > 2.0
+    assert epsilon([(1.5, 0.1, n)], delta=1e-5, accountant="rdp") <= 2.0
+    assert epsilon([(1.5, 0.1, n + 1)], delta=1e-5, accountant="rdp") > 2.0
 
 
 def test_impossible_target_and_bad_inputs_raise_config_errors():

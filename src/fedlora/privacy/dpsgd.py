@@ -97,7 +97,7 @@ class PerSampleGradients:
 
 def clip_factors(per_sample: Grads, clip_norm: float) -> torch.Tensor:
     """Per-example factors min(1, C/||g_i||), the norm taken flat over all active tensors."""
-    sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in per_sample.values())  # (batch,)
+    sq = sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values())  # (batch,)
     return (clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
 
 

@@ -26,13 +26,17 @@ class RunDir:
         self.metrics_path = path / "metrics.jsonl"
         self.checkpoints = path / "checkpoints"
 
+    @staticmethod
+    def check_free(root: str | Path, name: str | None) -> None:
+        if name is not None and (Path(root) / name).exists():
+            raise FedloraError(f"run directory '{Path(root) / name}' already exists; choose another output.name or remove it")
+
     @classmethod
     def create(cls, root: str | Path, name: str | None, default_stem: str) -> RunDir:
         root = Path(root)
         if name is not None:
+            cls.check_free(root, name)
             path = root / name
-            if path.exists():
-                raise FedloraError(f"run directory '{path}' already exists; choose another output.name or remove it")
         else:
             stem = f"{default_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             path, i = root / stem, 1
