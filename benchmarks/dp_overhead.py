@@ -1,8 +1,7 @@
 """DP step time / non-private step time, measured side by side in one run.
 
 Both steps use the same model, batch, active tensors and Poisson batch; the DP step adds the
-fused per-sample gradients (hooks + einsum), flat clipping and Gaussian noise. Also times
-Opacus's hook-based per-sample gradients (GradSampleModule) on the same step for reference.
+fused per-sample gradients (hooks + einsum), flat clipping and Gaussian noise.
 
     python benchmarks/dp_overhead.py                       # the demo model (configs/demo.yaml)
     python benchmarks/dp_overhead.py --set task.num_layers=6 --set adapter.layers=null
@@ -38,7 +37,6 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--no-opacus", action="store_true")
     args = ap.parse_args()
     overrides = dict(parse_override(s) for s in args.set)
     overrides.setdefault("task.max_train_examples", 2000)
@@ -57,8 +55,6 @@ def main() -> None:
         return lambda: local_gradients(rt, spec, rows, active, gen)
 
     variants = {"non-private": step(plain), "dp (fused)": step(private)}
-    if not args.no_opacus:
-        variants["dp (opacus hooks)"] = opacus_step(rt, rows, active, gen)
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -71,28 +67,6 @@ def main() -> None:
     for k, v in times.items():
         med = statistics.median(v)
         print(f"{k:20s} {1000 * med:8.1f} ms/step   ratio to non-private {med / base:5.3f}")
-
-
-def opacus_step(rt: Runtime, rows: np.ndarray, active: list[str], gen: torch.Generator):
-    """Opacus GradSampleModule per-sample gradients + the same clip/noise, for reference."""
-    from opacus import GradSampleModule
-
-    gsm = GradSampleModule(rt.adapted.model, batch_first=True, loss_reduction="sum")
-    params = {k: rt.adapted.params[k] for k in active}
-    batch = rt.task.batch(rt.task.train, rows, rt.device)
-    dp = DPParams(1.0, 2.0, len(rows))
-
-    def step():
-        losses = rt.task.loss(gsm, batch)
-        losses.sum().backward()
-        per_sample = {k: p.grad_sample for k, p in params.items()}
-        out = privatize(per_sample, dp, gen)
-        for p in params.values():
-            p.grad = None
-            p.grad_sample = None
-        return out
-
-    return step
 
 
 if __name__ == "__main__":
