@@ -19,7 +19,7 @@ import torch
 from fedlora.config import load_config, parse_override
 from fedlora.federation.client import ClientSpec, local_gradients
 from fedlora.federation.runtime import Runtime
-from fedlora.privacy.dpsgd import DPParams, privatize
+from fedlora.privacy.dpsgd import DPParams
 
 
 def timed(fn, repeats: int) -> list[float]:

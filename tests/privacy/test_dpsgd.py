@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from fedlora.federation.runtime import Runtime
-from fedlora.privacy.dpsgd import DPParams, add_noise, clip_factors, clipped_sum, loop_per_sample, privatize
+from fedlora.privacy.dpsgd import (
+    DPParams,
+    add_noise,
+    clip_factors,
+    clipped_sum,
+    loop_per_sample,
+    privatize,
+)
 
 
 @pytest.fixture
