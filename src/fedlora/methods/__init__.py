@@ -1,6 +1,6 @@
 """Methods: one file per paper, each a composition of the four seams. Importing registers them."""
 
-from fedlora.methods import dp_lora  # noqa: F401
+from fedlora.methods import dp_lora, fedsa_lora, ffa_lora, rolora  # noqa: F401
 from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan
 from fedlora.methods.registry import MethodSetup, available_methods, build_method, register_method
 

@@ -10,14 +10,36 @@ from fedlora.methods.base import ClientTrace, PlanContext, RoundPlan, State
 
 
 # ------------------------------------------------------------------------------- plans
+def download_keys(ctx: PlanContext, skip_roles: tuple[str, ...] = ()) -> tuple[str, ...]:
+    roles = {f.name: f.role for f in ctx.factors}
+    return tuple(k for k in ctx.global_keys if roles.get(k) not in skip_roles)
+
+
 @dataclass(frozen=True)
 class TrainRoles:
-    """Every round trains the tensors with these roles; the whole global state goes down."""
+    """Every round trains the tensors with these roles; the global state goes down.
+
+    ``skip_download`` names roles that never change after initialisation (FFA's A): the
+    clients already hold them (same seed), so they are not sent.
+    """
 
     roles: tuple[str, ...] = ("A", "B", "head")
+    skip_download: tuple[str, ...] = ()
 
     def __call__(self, ctx: PlanContext) -> RoundPlan:
-        return RoundPlan(ctx.round, ctx.names(*self.roles), tuple(ctx.global_keys))
+        return RoundPlan(ctx.round, ctx.names(*self.roles), download_keys(ctx, self.skip_download))
+
+
+@dataclass(frozen=True)
+class AlternateRounds:
+    """Odd rounds train B, even rounds A (round 1 trains B: with B = 0, A has no gradient)."""
+
+    with_head: bool = True
+
+    def __call__(self, ctx: PlanContext) -> RoundPlan:
+        factor = "B" if ctx.round % 2 == 1 else "A"
+        roles = (factor, "head") if self.with_head else (factor,)
+        return RoundPlan(ctx.round, ctx.names(*roles), download_keys(ctx), {"factor": factor})
 
 
 # --------------------------------------------------------------------------- schedules

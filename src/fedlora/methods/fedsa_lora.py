@@ -1,0 +1,26 @@
+"""FedSA-LoRA: train A and B, share only A; B and the head stay on the client.
+
+Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
+ICLR 2025, https://arxiv.org/abs/2410.01463. B and the head are local roles: they are never
+in the global state, never downloaded and never uploaded. Both factors are trained with
+DP-SGD and every step is counted, since the released A depends on B's trajectory [interp].
+For the rsLoRA variant set ``adapter.rslora: true`` (scale alpha/sqrt(r)).
+"""
+
+from __future__ import annotations
+
+from fedlora.methods.base import Method
+from fedlora.methods.registry import MethodSetup, register_method
+from fedlora.methods.seams import Joint, MeanOfUploads, SendTrained, TrainRoles
+
+
+@register_method("fedsa-lora", "A shared and averaged; B and the head kept on each client")
+def fedsa_lora(setup: MethodSetup) -> Method:
+    return Method(
+        name="fedsa-lora",
+        plan=TrainRoles(("A", "B", "head")),
+        schedule=Joint(),
+        upload=SendTrained(),
+        aggregate=MeanOfUploads(),
+        local_roles=("B", "head"),
+    )
