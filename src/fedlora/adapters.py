@@ -76,15 +76,28 @@ def find_factors(model: nn.Module) -> list[Factor]:
     return factors
 
 
+def base_weight_name(lora_a_name: str) -> str:
+    """The frozen weight beside a LoRA A factor: PEFT's ``<module>.base_layer.weight``."""
+    return lora_a_name.split(f".lora_A.{ADAPTER}.")[0] + ".base_layer.weight"
+
+
 class AdaptedModel:
     """A PEFT model plus its factor table and state get/set by parameter name."""
 
     def __init__(self, peft_model: nn.Module, factors: list[Factor]) -> None:
         self.model = peft_model
         self.factors = factors
-        named = dict(peft_model.named_parameters())
-        self.params: dict[str, nn.Parameter] = {f.name: named[f.name] for f in factors}
+        self.named: dict[str, nn.Parameter] = dict(peft_model.named_parameters())  # every parameter, for load
+        self.params: dict[str, nn.Parameter] = {f.name: self.named[f.name] for f in factors}
         self.by_name = {f.name: f for f in factors}
+
+    def base_weight_names(self) -> list[str]:
+        """Names of the frozen base weights W0 of the LoRA-adapted modules (one per A factor)."""
+        names = [base_weight_name(f.name) for f in self.factors if f.role == "A"]
+        missing = [n for n in names if n not in self.named]
+        if missing:
+            raise KeyError(f"no base weight '{missing[0]}' in the model (LoRA adapters only)")
+        return names
 
     def names(self, *, roles: tuple[str, ...] = ("A", "B", "head")) -> list[str]:
         return [f.name for f in self.factors if f.role in roles]
@@ -92,12 +105,13 @@ class AdaptedModel:
     def state(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Detached copies of the named tensors (all factors by default)."""
         keys = self.params if names is None else names
-        return {k: self.params[k].detach().clone() for k in keys}
+        return {k: self.named[k].detach().clone() for k in keys}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into the model by parameter name (factors, or any other parameter)."""
         with torch.no_grad():
             for k, v in state.items():
-                self.params[k].copy_(v)
+                self.named[k].copy_(v)
 
     def set_active(self, names: set[str] | frozenset[str]) -> None:
         for k, p in self.params.items():

@@ -15,7 +15,19 @@ UPLOAD_ROLES = {
     "ffa-lora": {"B", "head"},
     "rolora": {"A", "B", "head"},
     "fedsa-lora": {"A"},
+    "fedsa-rslora": {"A"},
+    "la-lora": {"A", "B", "head"},
+    "as-lora": {"A", "B", "head", "score"},  # per-layer scores under score/<layer>/<factor>
+    "fedex-lora": {"A", "B", "head"},
+    "flora": {"A", "B", "head"},
+    "fedsvd": {"B", "head"},
 }
+# method -> config sections it needs beyond the tiny defaults
+NEEDS = {"fedsa-rslora": {"adapter": {"rslora": True}}}
+
+
+def role_of(roles: dict[str, str], key: str) -> str:
+    return "score" if key.startswith("score/") else roles[key]
 
 
 def test_every_registered_method_is_in_the_table():
@@ -32,13 +44,13 @@ def _one_round_uploads(sim: Simulation, rnd: int = 1):
 
 @pytest.mark.parametrize("name", sorted(UPLOAD_ROLES))
 def test_battery(tiny_cfg, name):
-    cfg = tiny_cfg(method={"name": name}, federation={"rounds": 1})
+    cfg = tiny_cfg(method={"name": name}, federation={"rounds": 1}, **NEEDS.get(name, {}))
     sim = Simulation(cfg)
     roles = {f.name: f.role for f in sim.rt.adapted.factors}
     # uploads only its declared keys, and never a key kept local
     plan, res = _one_round_uploads(sim)
     assert res.upload, name
-    assert {roles[k] for k in res.upload} <= UPLOAD_ROLES[name]
+    assert {role_of(roles, k) for k in res.upload} <= UPLOAD_ROLES[name]
     assert not set(res.upload) & sim.local_keys
     assert set(plan.download) <= set(sim.global_state)
     # advances the accountant

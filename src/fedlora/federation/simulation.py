@@ -20,6 +20,7 @@ from fedlora.errors import BudgetExhausted
 from fedlora.federation.client import ClientResult, ClientSpec, ClientState, run_client
 from fedlora.federation.partition import label_histograms, partition
 from fedlora.federation.runtime import Runtime
+from fedlora.federation.seeds import derive_seed
 from fedlora.federation.server import aggregate_round, sample_clients, state_bytes
 from fedlora.methods import Method, MethodSetup, PlanContext, build_method
 from fedlora.methods.base import State
@@ -44,7 +45,8 @@ class RunResult:
 
 
 def build_method_for(cfg: ExperimentConfig) -> Method:
-    setup = MethodSetup(cfg.method.options, cfg.adapter.federate_head, cfg.federation.rounds, cfg.train.seed)
+    setup = MethodSetup(cfg.method.options, cfg.adapter.federate_head, cfg.federation.rounds, cfg.train.seed,
+                        adapter=cfg.adapter)
     return build_method(cfg.method.name, setup)
 
 
@@ -68,6 +70,25 @@ def client_specs(cfg: ExperimentConfig, parts: list[np.ndarray]) -> list[ClientS
     return specs
 
 
+def split_test_set(labels: np.ndarray, histograms: list[list[int]], seed: int) -> list[np.ndarray]:
+    """Split the test set over clients, each share following its client's training label mix.
+
+    For personalised evaluation (FedSA-LoRA): per label, the test examples are dealt out in
+    proportion to the clients' training counts of that label (seeded; remainder to the last).
+    """
+    rng = np.random.default_rng(derive_seed(seed, "test-shares"))
+    hist = np.asarray(histograms, dtype=np.float64)  # (clients, labels)
+    shares: list[list[np.ndarray]] = [[] for _ in histograms]
+    for y in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == y))
+        col = hist[:, y] if y < hist.shape[1] and hist[:, y].sum() > 0 else np.ones(len(hist))
+        counts = np.floor(len(idx) * col / col.sum()).astype(int)
+        counts[-1] = len(idx) - counts[:-1].sum()
+        for c, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
+            shares[c].append(chunk)
+    return [np.sort(np.concatenate(s)) for s in shares]
+
+
 class Simulation:
     """All clients in one process, sharing one frozen backbone."""
 
@@ -82,12 +103,14 @@ class Simulation:
                                alpha=fed.dirichlet_alpha, seed=cfg.train.seed, min_size=fed.min_client_size)
         self.histograms = label_histograms(labels, self.parts, self.rt.task.num_labels)
         self.specs = client_specs(cfg, self.parts)
-        init = self.rt.adapted.state()
+        bases = self.rt.adapted.base_weight_names() if self.method.shares_base else []
+        init = self.rt.adapted.state([*self.rt.adapted.params, *bases])  # factors (+ W0 for exact baselines)
         factors = self.rt.adapted.factors
         self.local_keys = frozenset(f.name for f in factors if f.role in self.method.local_roles)
         self.init_local = {k: init[k] for k in sorted(self.local_keys)}
         self.global_state: State = {k: v for k, v in init.items() if k not in self.local_keys}
         self.clients = [ClientState({k: v.clone() for k, v in self.init_local.items()}) for _ in self.specs]
+        self.shares = split_test_set(self.rt.task.test.labels, self.histograms, cfg.train.seed) if self.local_keys else []
         self.memory: dict[str, Any] = {}
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
@@ -115,7 +138,21 @@ class Simulation:
 
     def evaluate(self) -> dict[str, float]:
         self.rt.adapted.load(self.init_local)
-        return self.rt.evaluate(self.global_state)
+        record = self.rt.evaluate(self.global_state)
+        if self.local_keys:
+            record["personal_accuracy"] = self.personal_accuracy()
+        return record
+
+    def personal_accuracy(self) -> float:
+        """Each client's own model (global state + its local tensors) on its own test share,
+        averaged with weights = share sizes."""
+        test, correct, total = self.rt.task.test, 0.0, 0
+        for share, client in zip(self.shares, self.clients, strict=True):
+            if len(share):
+                acc = self.rt.evaluate({**self.global_state, **client.local}, test.subset(share))["accuracy"]
+                correct, total = correct + acc * len(share), total + len(share)
+        self.rt.adapted.load(self.init_local)
+        return correct / max(total, 1)
 
     # ------------------------------------------------------------------ one round
     def plan_context(self, rnd: int) -> PlanContext:

@@ -24,6 +24,7 @@ class RoundPlan:
     trainable: frozenset[str]  # parameter names trained this round
     download: tuple[str, ...]  # global-state keys sent to the clients
     info: dict[str, Any] = field(default_factory=dict)  # logged with the round (e.g. factor choices)
+    groups: dict[str, frozenset[str]] = field(default_factory=dict)  # named subsets of trainable (e.g. "A", "0/B")
 
 
 @dataclass
@@ -82,4 +83,5 @@ class Method:
     local_roles: tuple[str, ...] = ()
     frozen_roles: tuple[str, ...] = ()  # roles never trained (FFA's A); kept bitwise as initialised
     exact: bool = False  # the server keeps exactly the weighted mean of client products
+    shares_base: bool = False  # the global state also holds the frozen base weights W0 of adapted modules
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the saved config / summary

@@ -4,11 +4,15 @@ Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning
 ICLR 2025, https://arxiv.org/abs/2410.01463. B and the head are local roles: they are never
 in the global state, never downloaded and never uploaded. Both factors are trained with
 DP-SGD and every step is counted, since the released A depends on B's trajectory [interp].
-For the rsLoRA variant set ``adapter.rslora: true`` (scale alpha/sqrt(r)).
+``fedsa-rslora`` is the same protocol with the rank-stabilised scale alpha/sqrt(r); it
+refuses to run unless ``adapter.rslora: true``, so the scale is set in one place.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from fedlora.errors import ConfigError
 from fedlora.methods.base import Method
 from fedlora.methods.registry import MethodSetup, register_method
 from fedlora.methods.seams import Joint, MeanOfUploads, SendTrained, TrainRoles
@@ -24,3 +28,10 @@ def fedsa_lora(setup: MethodSetup) -> Method:
         aggregate=MeanOfUploads(),
         local_roles=("B", "head"),
     )
+
+
+@register_method("fedsa-rslora", "FedSA-LoRA with rank-stabilised scale alpha/sqrt(r) (needs adapter.rslora=true)")
+def fedsa_rslora(setup: MethodSetup) -> Method:
+    if setup.adapter is None or setup.adapter.type != "lora" or not setup.adapter.rslora:
+        raise ConfigError("method 'fedsa-rslora' needs rsLoRA adapters; set adapter.rslora=true (and adapter.type=lora)")
+    return replace(fedsa_lora(setup), name="fedsa-rslora")

@@ -14,10 +14,11 @@ _METHODS: dict[str, tuple[MethodFactory, str]] = {}
 
 
 class MethodSetup:
-    """What a method factory may read: its options and the local/federated head choice."""
+    """What a method factory may read: its options, the head choice, the adapter config."""
 
-    def __init__(self, options: dict[str, Any], federate_head: bool, rounds: int, seed: int) -> None:
+    def __init__(self, options: dict[str, Any], federate_head: bool, rounds: int, seed: int, adapter: Any = None) -> None:
         self.options = dict(options)
+        self.adapter = adapter  # an AdapterConfig (rank, alpha, rslora, type), when known
         self.federate_head = federate_head
         self.rounds = rounds
         self.seed = seed
@@ -26,6 +27,13 @@ class MethodSetup:
     def option(self, key: str, default: Any) -> Any:
         self._used.add(key)
         return self.options.get(key, default)
+
+    def lora_scale(self, method: str) -> float:
+        """The LoRA scale s (alpha/r, or alpha/sqrt(r) with rsLoRA); LoRA adapters only."""
+        if self.adapter is None or self.adapter.type != "lora":
+            raise ConfigError(f"method '{method}' needs LoRA adapters; set adapter.type=lora")
+        a = self.adapter
+        return float(a.alpha / (a.rank**0.5 if a.rslora else a.rank))
 
     def check_all_used(self, method: str) -> None:
         unknown = sorted(set(self.options) - self._used)

@@ -1,0 +1,164 @@
+"""AS-LoRA: per layer and per round, train A or B, chosen from the privatised gradients' energy.
+
+Kim, Park, Han, Ahn, "AS-LoRA", arXiv 2605.05769 (https://arxiv.org/abs/2605.05769);
+ALGORITHMS.md section 6. Every seam is post-processing of DP outputs plus public constants:
+
+- Plan: warm-up of floor(0.1 R) rounds, all layers B, A, B, ...; then per layer
+  ``d = (S_A - S_B) / (|S_A| + |S_B| + 1e-8)``, ``p_A = sigmoid(clip(d / T, -30, 30))``,
+  ``T = max(0.1, 0.95^(r - warmup))``, a seeded draw per layer (a missing EMA: the factor
+  that has one is chosen; none: p_A = 0.5). The choices go to ``RoundPlan.info["modes"]``
+  (one letter per layer, in layer order). The head, when trained, trains every round [interp].
+- Upload: the active factor of every layer, plus one score per layer under ``score/<layer>/<A|B>``
+  (a key no parameter can have): the randomly projected energy of the last step's noisy
+  gradient (fixed seeded Gaussian R: ``g R`` for A, ``R g`` for B), debiased by the expected
+  noise energy ``numel * noise_std^2`` and floored at 0.
+- Curvature (option ``curvature``): ``off`` (default) or ``secant`` [interp, ALGORITHMS.md 6.2b],
+  in the last ``curvature_rounds`` (10) rounds as in the reference code: from the last two noisy
+  gradients, for an SGD step ``delta = -eta g_{T-1}``, ``eta kappa = -<g_T - g_{T-1}, g_{T-1}> /
+  ||g_{T-1}||^2`` (noise-debiased), score ``e (1 - eta kappa / 2)`` floored at 0. The reference
+  code's finite-difference curvature re-reads the private batch; it is not implemented.
+- Aggregate: weighted mean of the parameters; the uniform mean of each score over the clients
+  that sent it updates the server's EMA (beta 0.9) of that layer's active factor only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedlora.errors import ConfigError
+from fedlora.federation.seeds import derive_seed, generator
+from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan, State
+from fedlora.methods.dp_lora import local_roles
+from fedlora.methods.registry import MethodSetup, register_method
+from fedlora.methods.seams import Joint, SendTrained, download_keys, weighted_mean
+
+SCORE = "score/"
+
+
+def prob_a(s_a: float | None, s_b: float | None, temperature: float) -> float:
+    if s_a is None or s_b is None:
+        return 0.5 if s_a is None and s_b is None else (0.0 if s_a is None else 1.0)
+    d = (s_a - s_b) / (abs(s_a) + abs(s_b) + 1e-8)
+    return 1.0 / (1.0 + math.exp(-min(max(d / temperature, -30.0), 30.0)))
+
+
+@dataclass(frozen=True)
+class LayerwiseChoice:
+    warmup_frac: float = 0.1
+    t0: float = 1.0
+    t_min: float = 0.1
+    gamma: float = 0.95
+
+    def __call__(self, ctx: PlanContext) -> RoundPlan:
+        lora = [f for f in ctx.factors if f.role in ("A", "B")]
+        if any(f.layer is None for f in lora):
+            raise ConfigError("as-lora needs a transformer layer index in every adapted module name (.layer.<i>.)")
+        layers = sorted({f.layer for f in lora})
+        warmup = math.floor(self.warmup_frac * ctx.rounds)
+        ema = ctx.memory.get("ema", {})
+        if ctx.round <= warmup:
+            temp, modes = self.t0, {lay: "B" if ctx.round % 2 == 1 else "A" for lay in layers}
+        else:
+            temp = max(self.t_min, self.t0 * self.gamma ** (ctx.round - warmup))
+            rng = np.random.default_rng(derive_seed(ctx.seed, "as-lora", "modes", ctx.round))
+            modes = {lay: "A" if rng.random() < prob_a(ema.get(f"{lay}/A"), ema.get(f"{lay}/B"), temp) else "B"
+                     for lay in layers}
+        groups = {f"{lay}/{m}": frozenset(f.name for f in lora if f.layer == lay and f.role == m) for lay, m in modes.items()}
+        trainable = frozenset().union(*groups.values()) | ctx.names("head")
+        info = {"modes": "".join(modes[lay] for lay in layers), "temperature": temp}
+        return RoundPlan(ctx.round, trainable, download_keys(ctx), info, groups)
+
+
+@dataclass(frozen=True)
+class RecordLastTwo(Joint):
+    """Joint schedule that keeps the last two (privatised) gradients for the secant score."""
+
+    history: dict[str, State] = field(default_factory=dict, compare=False)
+
+    def transform(self, grads: State, plan: RoundPlan, step: int) -> State:
+        self.history["prev"] = self.history.get("last", {}) if step > 0 else {}
+        self.history["last"] = grads
+        return grads
+
+
+def secant_factor(prev: torch.Tensor, last: torch.Tensor, noise_std: float) -> float:
+    n_var = prev.numel() * noise_std**2  # E||xi||^2 of one step's noise
+    denom = float(prev.pow(2).sum()) - n_var
+    if denom <= 0:
+        return 1.0
+    inner = float(((last - prev) * prev).sum()) + n_var
+    return max(0.0, 1.0 + 0.5 * inner / denom)
+
+
+@dataclass(frozen=True)
+class SendWithScores:
+    seed: int
+    rounds: int
+    history: dict[str, State] | None = None  # set for curvature=secant
+    curvature_rounds: int = 10
+    _proj: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
+
+    def projection(self, name: str, size: int, device: torch.device) -> torch.Tensor:
+        if name not in self._proj:
+            g = generator(self.seed, "as-lora", "projection", name)
+            self._proj[name] = torch.randn(size, size, generator=g) / math.sqrt(size)  # (size, size)
+        return self._proj[name].to(device)
+
+    def energy(self, name: str, role: str, g: torch.Tensor, noise_std: float) -> float:
+        if role == "A":  # (r, k) @ (k, k)
+            proj = g @ self.projection(name, g.shape[1], g.device)
+        else:  # (d, d) @ (d, r)
+            proj = self.projection(name, g.shape[0], g.device) @ g
+        return max(float(proj.pow(2).sum()) - g.numel() * noise_std**2, 0.0)
+
+    def __call__(self, plan: RoundPlan, before: State, after: State, trace: ClientTrace) -> State:
+        up = SendTrained()(plan, before, after, trace)
+        curved = self.history is not None and plan.round > self.rounds - self.curvature_rounds
+        for group, names in sorted(plan.groups.items()):
+            role, score = group.split("/")[1], 0.0
+            for k in sorted(n for n in names if n in trace.last_grads):
+                g = trace.last_grads[k]
+                e = self.energy(k, role, g, trace.noise_std)
+                prev = self.history.get("prev", {}).get(k) if curved and self.history is not None else None
+                score += e * secant_factor(prev, g, trace.noise_std) if prev is not None else e
+            up[f"{SCORE}{group}"] = torch.tensor(score, dtype=torch.float32)
+        return up
+
+
+@dataclass(frozen=True)
+class MeanAndScoreEMA:
+    beta: float = 0.9
+
+    def __call__(self, ctx: PlanContext, plan: RoundPlan, global_state: State, uploads: list[State], weights: list[float]) -> State:
+        params = [{k: v for k, v in u.items() if not k.startswith(SCORE)} for u in uploads]
+        ema = ctx.memory.setdefault("ema", {})
+        for key in sorted({k for u in uploads for k in u if k.startswith(SCORE)}):
+            vals = [float(u[key]) for u in uploads if key in u]
+            new, name = sum(vals) / len(vals), key.removeprefix(SCORE)
+            ema[name] = new if name not in ema else self.beta * ema[name] + (1 - self.beta) * new
+        return {**global_state, **weighted_mean(params, weights)}
+
+
+@register_method("as-lora", "per-layer, per-round choice of A or B from debiased noisy-gradient energy")
+def as_lora(setup: MethodSetup) -> Method:
+    curvature = setup.option("curvature", "off")
+    if curvature not in ("off", "secant"):
+        raise ConfigError(f"as-lora option 'curvature' must be 'off' or 'secant' (finite-difference is not "
+                          f"implemented: it re-reads private data outside DP), got {curvature!r}")
+    schedule = RecordLastTwo() if curvature == "secant" else Joint()
+    history = schedule.history if isinstance(schedule, RecordLastTwo) else None
+    upload = SendWithScores(setup.seed, setup.rounds, history, int(setup.option("curvature_rounds", 10)))
+    return Method(
+        name="as-lora",
+        plan=LayerwiseChoice(),
+        schedule=schedule,
+        upload=upload,
+        aggregate=MeanAndScoreEMA(),
+        local_roles=local_roles(setup),
+        exact=True,
+        info={"curvature": curvature},
+    )

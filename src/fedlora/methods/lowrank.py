@@ -1,0 +1,43 @@
+"""Low-rank helpers for the exact / SVD aggregation baselines (FedEx-LoRA, FLoRA, FedSVD).
+
+The SVD of a product ``B A`` (B: d x m, A: m x k, m << d, k) is taken from the QR
+factorisations of the two thin factors plus an m x m SVD, never a dense d x k SVD:
+``B = Qb Rb``, ``A^T = Qa Ra``  =>  ``B A = Qb (Rb Ra^T) Qa^T``, and the SVD of the small core
+``Rb Ra^T = U' S V'^T`` gives ``B A = (Qb U') S (Qa V')^T``. Work is in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora.adapters import Factor, base_weight_name
+
+
+def product_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``U diag(S) Vh = b @ a`` in float64, via QR of the factors (m = inner size).
+
+    Returns U (d, q), S (q,), Vh (q, k) with q = min(d, k, m) and orthonormal U columns and Vh rows.
+    """
+    qb, rb = torch.linalg.qr(b.to(torch.float64))  # (d, q_b), (q_b, m)
+    qa, ra = torch.linalg.qr(a.to(torch.float64).T)  # (k, q_a), (q_a, m)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core (q_b, q_a)
+    return qb @ u, s, vh @ qa.T  # (d, q), (q,), (q, k)
+
+
+def stack(bs: list[torch.Tensor], as_: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA stacking in float64: ``B_stack A_stack = sum_i w_i B_i A_i`` exactly.
+
+    B_stack = [B_1, ..., B_K] (d, K r); A_stack = [w_1 A_1; ...; w_K A_K] (K r, k).
+    """
+    b = torch.cat([x.to(torch.float64) for x in bs], dim=1)  # (d, K r)
+    a = torch.cat([w * x.to(torch.float64) for w, x in zip(weights, as_, strict=True)], dim=0)  # (K r, k)
+    return b, a
+
+
+def lora_modules(factors: list[Factor]) -> list[tuple[str, str, str]]:
+    """(A name, B name, base weight name) for every LoRA-adapted module, in factor order."""
+    by_module: dict[str, dict[str, str]] = {}
+    for f in factors:
+        if f.role in ("A", "B"):
+            by_module.setdefault(f.module, {})[f.role] = f.name
+    return [(m["A"], m["B"], base_weight_name(m["A"])) for m in by_module.values()]
