@@ -74,7 +74,8 @@ def split_test_set(labels: np.ndarray, histograms: list[list[int]], seed: int) -
     """Split the test set over clients, each share following its client's training label mix.
 
     For personalised evaluation (FedSA-LoRA): per label, the test examples are dealt out in
-    proportion to the clients' training counts of that label (seeded; remainder to the last).
+    proportion to the clients' training counts of that label (seeded; the rounding remainder
+    goes to the client holding most of that label).
     """
     rng = np.random.default_rng(derive_seed(seed, "test-shares"))
     hist = np.asarray(histograms, dtype=np.float64)  # (clients, labels)
@@ -83,7 +84,7 @@ def split_test_set(labels: np.ndarray, histograms: list[list[int]], seed: int) -
         idx = rng.permutation(np.flatnonzero(labels == y))
         col = hist[:, y] if y < hist.shape[1] and hist[:, y].sum() > 0 else np.ones(len(hist))
         counts = np.floor(len(idx) * col / col.sum()).astype(int)
-        counts[-1] = len(idx) - counts[:-1].sum()
+        counts[np.argmax(col)] += len(idx) - counts.sum()
         for c, chunk in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
             shares[c].append(chunk)
     return [np.sort(np.concatenate(s)) for s in shares]
