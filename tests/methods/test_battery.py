@@ -16,6 +16,7 @@ UPLOAD_ROLES = {
     "rolora": {"A", "B", "head"},
     "fedsa-lora": {"A"},
     "fedsa-rslora": {"A"},
+    "fedsa-vera": {"A"},  # VeRA's lambda_d
     "la-lora": {"A", "B", "head"},
     "as-lora": {"A", "B", "head", "score"},  # per-layer scores under score/<layer>/<factor>
     "fedex-lora": {"A", "B", "head"},
@@ -23,7 +24,7 @@ UPLOAD_ROLES = {
     "fedsvd": {"B", "head"},
 }
 # method -> config sections it needs beyond the tiny defaults
-NEEDS = {"fedsa-rslora": {"adapter": {"rslora": True}}}
+NEEDS = {"fedsa-rslora": {"adapter": {"rslora": True}}, "fedsa-vera": {"adapter": {"type": "vera"}}}
 
 
 def role_of(roles: dict[str, str], key: str) -> str:

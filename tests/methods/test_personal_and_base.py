@@ -37,10 +37,12 @@ def test_methods_without_local_roles_report_no_personal_figure(tiny_cfg):
     assert "personal_accuracy" not in sim.evaluate()
 
 
-def test_fedsa_rslora_refuses_plain_lora(tiny_cfg):
+def test_fedsa_variants_refuse_the_wrong_adapter(tiny_cfg):
     with pytest.raises(ConfigError, match="adapter.rslora=true"):
         build_method("fedsa-rslora", MethodSetup({}, True, 2, 0, adapter=tiny_cfg().adapter))
     assert build_method("fedsa-rslora", MethodSetup({}, True, 2, 0, adapter=tiny_cfg(adapter={"rslora": True}).adapter))
+    with pytest.raises(ConfigError, match="adapter.type=vera"):
+        build_method("fedsa-vera", MethodSetup({}, True, 2, 0, adapter=tiny_cfg().adapter))
 
 
 @pytest.mark.parametrize("name", ["fedex-lora", "flora"])

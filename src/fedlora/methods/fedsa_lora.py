@@ -6,6 +6,10 @@ in the global state, never downloaded and never uploaded. Both factors are train
 DP-SGD and every step is counted, since the released A depends on B's trajectory [interp].
 ``fedsa-rslora`` is the same protocol with the rank-stabilised scale alpha/sqrt(r); it
 refuses to run unless ``adapter.rslora: true``, so the scale is set in one place.
+``fedsa-vera`` runs the protocol on PEFT's VeRA (``adapter.type: vera``): ``lambda_d`` plays
+A's role (shared) and ``lambda_b`` B's role (kept local), as the FedSA-LoRA code's freeze
+switch pairs them [interp, ALGORITHMS.md 4]; VeRA's frozen random projections are identical
+on every client (same seed).
 """
 
 from __future__ import annotations
@@ -35,3 +39,10 @@ def fedsa_rslora(setup: MethodSetup) -> Method:
     if setup.adapter is None or setup.adapter.type != "lora" or not setup.adapter.rslora:
         raise ConfigError("method 'fedsa-rslora' needs rsLoRA adapters; set adapter.rslora=true (and adapter.type=lora)")
     return replace(fedsa_lora(setup), name="fedsa-rslora")
+
+
+@register_method("fedsa-vera", "FedSA on VeRA: lambda_d shared, lambda_b and the head local (needs adapter.type=vera)")
+def fedsa_vera(setup: MethodSetup) -> Method:
+    if setup.adapter is None or setup.adapter.type != "vera":
+        raise ConfigError("method 'fedsa-vera' needs VeRA adapters; set adapter.type=vera")
+    return replace(fedsa_lora(setup), name="fedsa-vera")
