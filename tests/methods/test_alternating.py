@@ -60,7 +60,7 @@ def per_step_changes(tiny_cfg, options, steps=4):
                local_steps=steps, seed=0)
     snaps = [*spy.snaps, sim.rt.adapted.state()]
     roles = {f.name: f.role for f in sim.rt.adapted.factors}
-    changed = [{roles[k] for k in a if not torch.equal(a[k], b[k])} for a, b in zip(snaps, snaps[1:])]
+    changed = [{roles[k] for k in a if not torch.equal(a[k], b[k])} for a, b in zip(snaps, snaps[1:], strict=False)]
     noised = [{roles[k] for k in n} for n in spy.noised]
     return changed, noised
 

@@ -1,24 +1,23 @@
 """AS-LoRA: per layer and per round, train A or B, chosen from the privatised gradients' energy.
 
-Kim, Park, Han, Ahn, "AS-LoRA", arXiv 2605.05769 (https://arxiv.org/abs/2605.05769);
-ALGORITHMS.md section 6. Every seam is post-processing of DP outputs plus public constants:
+Kim, Park, Han, Ahn, arXiv 2605.05769 (https://arxiv.org/abs/2605.05769); ALGORITHMS.md 6.
+Every seam is post-processing of DP outputs plus public constants (no privacy cost).
 
-- Plan: warm-up of floor(0.1 R) rounds, all layers B, A, B, ...; then per layer
-  ``d = (S_A - S_B) / (|S_A| + |S_B| + 1e-8)``, ``p_A = sigmoid(clip(d / T, -30, 30))``,
-  ``T = max(0.1, 0.95^(r - warmup))``, a seeded draw per layer (a missing EMA: the factor
-  that has one is chosen; none: p_A = 0.5). The choices go to ``RoundPlan.info["modes"]``
-  (one letter per layer, in layer order). The head, when trained, trains every round [interp].
-- Upload: the active factor of every layer, plus one score per layer under ``score/<layer>/<A|B>``
-  (a key no parameter can have): the randomly projected energy of the last step's noisy
-  gradient (fixed seeded Gaussian R: ``g R`` for A, ``R g`` for B), debiased by the expected
-  noise energy ``numel * noise_std^2`` and floored at 0.
-- Curvature (option ``curvature``): ``off`` (default) or ``secant`` [interp, ALGORITHMS.md 6.2b],
-  in the last ``curvature_rounds`` (10) rounds as in the reference code: from the last two noisy
-  gradients, for an SGD step ``delta = -eta g_{T-1}``, ``eta kappa = -<g_T - g_{T-1}, g_{T-1}> /
-  ||g_{T-1}||^2`` (noise-debiased), score ``e (1 - eta kappa / 2)`` floored at 0. The reference
-  code's finite-difference curvature re-reads the private batch; it is not implemented.
-- Aggregate: weighted mean of the parameters; the uniform mean of each score over the clients
-  that sent it updates the server's EMA (beta 0.9) of that layer's active factor only.
+- Plan: warm-up of floor(0.1 R) rounds, all layers B, A, B, ...; then per layer a seeded draw
+  of A with ``p_A = sigmoid(clip(d / T, -30, 30))``, ``d = (S_A - S_B) / (|S_A| + |S_B| + 1e-8)``,
+  ``T = max(0.1, 0.95^(r - warmup))`` (one EMA missing: the factor that has one; none: 1/2).
+  ``RoundPlan.info["modes"]``: one letter per layer. The head trains every round [interp].
+- Upload: each layer's active factor plus its score under ``score/<layer>/<A|B>`` (no parameter
+  has such a name): the energy of the last step's noisy gradient under a fixed seeded Gaussian
+  projection (``g R`` for A, ``R g`` for B), minus the expected noise energy
+  ``numel * noise_std^2`` (the client's own sigma), floored at 0.
+- Curvature (option ``curvature``): ``off`` (default) or ``secant`` [interp, ALGORITHMS.md 6.2b]
+  in the last ``curvature_rounds`` (10) rounds: for an SGD step ``-eta g_{T-1}``,
+  ``eta kappa = -<g_T - g_{T-1}, g_{T-1}> / ||g_{T-1}||^2`` (noise-debiased) and the score is
+  ``e (1 - eta kappa / 2)``, floored at 0. Finite differences (re-reading the private batch
+  outside DP, as the reference code does) are not implemented.
+- Aggregate: weighted mean of the parameters; each score's uniform mean over the clients that
+  sent it updates the server's EMA (beta 0.9) of that layer's active factor only.
 """
 
 from __future__ import annotations
