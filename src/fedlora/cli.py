@@ -1,4 +1,4 @@
-"""Command line: ``fedlora run | methods | tasks``.
+"""Command line: ``fedlora run | account | methods | tasks``.
 
 Errors a user can cause are printed in one line (problem and fix) with exit code 2.
 """
@@ -93,6 +93,33 @@ def run(
 
     summary = run_experiment(cfg, progress=not quiet)
     typer.echo(summary["line"])
+
+
+@app.command()
+@user_errors
+def account(
+    epsilon: Annotated[float | None, typer.Option(help="target epsilon: print the sigma that meets it")] = None,
+    sigma: Annotated[float | None, typer.Option(help="noise multiplier: print the epsilon it spends")] = None,
+    delta: Annotated[float, typer.Option(help="target delta")] = 1e-5,
+    sample_rate: Annotated[float | None, typer.Option(help="Poisson sampling rate q")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="expected batch (q = batch / dataset size)")] = None,
+    dataset_size: Annotated[int | None, typer.Option(help="examples on the client")] = None,
+    steps: Annotated[int | None, typer.Option(help="noisy steps")] = None,
+    rounds: Annotated[int | None, typer.Option(help="rounds (steps = rounds x local steps)")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="local steps per round")] = None,
+    accountant: Annotated[str, typer.Option(help="prv or rdp")] = "prv",
+) -> None:
+    """Sigma for a privacy target and schedule, or (with --sigma) the epsilon spent."""
+    from fedlora.privacy import account as acc  # noqa: PLC0415
+
+    schedule = acc.resolve_schedule(sample_rate=sample_rate, batch_size=batch_size, dataset_size=dataset_size,
+                                    steps=steps, rounds=rounds, local_steps=local_steps)
+    acc.exactly_one("--epsilon", epsilon, "--sigma", sigma)
+    if sigma is not None:
+        typer.echo(acc.epsilon_for(sigma=sigma, delta=delta, schedule=schedule, accountant=accountant))
+    else:
+        assert epsilon is not None
+        typer.echo(acc.noise_for(target_epsilon=epsilon, delta=delta, schedule=schedule, accountant=accountant))
 
 
 @app.command()
