@@ -64,3 +64,18 @@ def test_impossible_target_and_bad_inputs_raise_config_errors():
         calibrate_noise(target_epsilon=1.0, target_delta=1.0, sample_rate=0.1, steps=10)
     with pytest.raises(ConfigError, match="unknown accountant"):
         epsilon([(1.0, 0.1, 10)], delta=1e-5, accountant="gdp")
+
+
+PRV_PROPERTY_CASES = 8  # each PRV calibration costs ~1-3 s on 2 cores (8 cases ~20 s); RDP above runs 200
+
+
+@settings(max_examples=PRV_PROPERTY_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    q=st.floats(0.005, 0.5),
+    steps=st.integers(1, 1000),
+    target=st.floats(0.5, 10.0),
+    delta=st.sampled_from([1e-5, 1e-6]),
+)
+def test_prv_calibration_never_overshoots(q, steps, target, delta):
+    sigma = calibrate_noise(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, accountant="prv")
+    assert epsilon([(sigma, q, steps)], delta=delta, accountant="prv") <= target
