@@ -82,8 +82,19 @@ class FederationConfig(_Section):
     weighting: Literal["data-size", "uniform"] = "data-size"
 
 
+class UserLevelConfig(_Section):
+    """User-level DP: clip each client's upload delta, add noise at the server (docs/privacy.md)."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound S on a client's upload delta, flat over its uploaded tensors")
+    epsilon: float = Field(3.0, gt=0, description="target user-level epsilon over all rounds (delta: privacy.delta)")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="fix sigma_u instead of calibrating it; noise std on the mean is sigma_u * S / K"
+    )
+
+
 class PrivacyConfig(_Section):
-    """Sample-level DP-SGD on every client (see docs/privacy.md)."""
+    """Sample-level DP-SGD on every client (``enabled``), and optionally user-level DP (see docs/privacy.md)."""
 
     enabled: bool = True
     epsilon: float = Field(3.0, description="target epsilon per client, > 0")
@@ -96,6 +107,7 @@ class PrivacyConfig(_Section):
     noise_multiplier: float | None = Field(
         None, ge=0, description="fix sigma instead of calibrating it from epsilon"
     )
+    user_level: UserLevelConfig = Field(default_factory=UserLevelConfig)
 
     @model_validator(mode="after")
     def _ranges(self) -> PrivacyConfig:

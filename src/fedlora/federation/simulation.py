@@ -26,6 +26,7 @@ from fedlora.methods import Method, MethodSetup, PlanContext, build_method
 from fedlora.methods.base import State
 from fedlora.privacy.accounting import calibrate_noise, epsilon, step_budget
 from fedlora.privacy.dpsgd import DPParams
+from fedlora.privacy.user_level import UserLevelPlan, plan_user_level
 from fedlora.report.rundir import RunDir
 from fedlora.tasks import majority_rate
 
@@ -90,6 +91,16 @@ def split_test_set(labels: np.ndarray, histograms: list[list[int]], seed: int) -
     return [np.sort(np.concatenate(s)) for s in shares]
 
 
+def user_level_for(cfg: ExperimentConfig) -> UserLevelPlan | None:
+    """User-level DP's sigma_u for the run, or None when it is off."""
+    ul, fed = cfg.privacy.user_level, cfg.federation
+    if not ul.enabled:
+        return None
+    k = len(sample_clients(fed.num_clients, fed.clients_per_round, seed=cfg.train.seed, round=1))
+    return plan_user_level(clip_norm=ul.clip_norm, target_epsilon=ul.epsilon, noise_multiplier=ul.noise_multiplier,
+                           delta=cfg.privacy.delta, clients_per_round=k, num_clients=fed.num_clients, rounds=fed.rounds)
+
+
 class Simulation:
     """All clients in one process, sharing one frozen backbone."""
 
@@ -97,6 +108,9 @@ class Simulation:
         self.cfg = cfg
         self.run_dir = run_dir
         self.method = build_method_for(cfg)
+        self.user_dp = user_level_for(cfg)
+        if self.user_dp is not None:  # privatise every upload before the method aggregates
+            self.method = self.user_dp.wrap(self.method, seed=cfg.train.seed)
         self.rt = runtime or Runtime(cfg)
         fed = cfg.federation
         labels = self.rt.task.train.labels
@@ -128,6 +142,15 @@ class Simulation:
                          "sample_rate": spec.sample_rate, "steps": state.dp_steps,
                          "step_budget": spec.step_budget, "accountant": dp.accountant if spec.dp else None})
         return rows
+
+    def guarantees(self, rounds: int) -> str:
+        """Which privacy guarantees hold after ``rounds`` rounds, in words."""
+        dp, held = self.cfg.privacy, []
+        if dp.enabled:
+            held.append(f"sample-level (epsilon <= {dp.epsilon:g} per client, delta {dp.delta:g}, {dp.accountant})")
+        if self.user_dp is not None:
+            held.append(f"user-level (epsilon {self.user_dp.epsilon(rounds):.3g} for all of a client's data, delta {dp.delta:g}, rdp)")
+        return " and ".join(held) if held else "none (no DP)"
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method.name, "clients": [len(p) for p in self.parts],
@@ -194,6 +217,8 @@ class Simulation:
         ledger = self.ledger()
         eps = [row["epsilon"] for row in ledger if row["epsilon"] is not None]
         record["epsilon"] = max(eps) if eps else None
+        record["user_epsilon"] = self.user_dp.epsilon(rnd) if self.user_dp else None
+        record["guarantees"] = self.guarantees(rnd)
         record["privacy"] = ledger
         record.update({f"plan_{k}": v for k, v in plan.info.items()})
         record["seconds"] = time.perf_counter() - start
