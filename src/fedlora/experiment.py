@@ -17,6 +17,10 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
     eps = final.get("epsilon") if final else None
     if sim.cfg.privacy.enabled:
         privacy = f"epsilon spent {eps:.2f} <= target {sim.cfg.privacy.epsilon:g} (delta {sim.cfg.privacy.delta:g})"
+        if sim.user_dp is not None:
+            privacy += f"; guarantees: {sim.guarantees(result.rounds_done)}"
+    elif sim.user_dp is not None:  # user-level only: say which guarantee holds, never "no DP"
+        privacy = f"guarantees: {sim.guarantees(result.rounds_done)}"
     else:
         privacy = "no DP"
     line = (f"{sim.method.name}: accuracy {acc:.4f} (majority class {desc['majority_rate']:.4f}) after "
@@ -26,10 +30,11 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
     return line
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any = None) -> dict[str, Any]:
+    """``runtime``: a loaded :class:`~fedlora.federation.runtime.Runtime` to reuse (``fedlora compare``)."""
     t0 = time.perf_counter()
     RunDir.check_free(cfg.output.root, cfg.output.name)  # fail fast, before minutes of loading
-    sim = Simulation(cfg)  # data and model load before anything is written
+    sim = Simulation(cfg, runtime=runtime)  # data and model load before anything is written
     run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
     sim.run_dir = run_dir
     run_dir.write_config(cfg.to_yaml())

@@ -159,5 +159,6 @@ def as_lora(setup: MethodSetup) -> Method:
         aggregate=MeanAndScoreEMA(),
         local_roles=local_roles(setup),
         exact=True,
+        side_uploads=(SCORE,),
         info={"curvature": curvature},
     )

@@ -84,4 +84,5 @@ class Method:
     frozen_roles: tuple[str, ...] = ()  # roles never trained (FFA's A); kept bitwise as initialised
     exact: bool = False  # the server keeps exactly the weighted mean of client products
     shares_base: bool = False  # the global state also holds the frozen base weights W0 of adapted modules
+    side_uploads: tuple[str, ...] = ()  # key prefixes of uploaded values that are not model tensors (AS-LoRA's scores)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the saved config / summary

@@ -97,6 +97,12 @@ class UserLevelPlan:
     target_epsilon: float | None  # None when sigma_u was fixed by hand
 
     def wrap(self, method: Method, *, seed: int) -> Method:
+        if method.side_uploads:  # refused when the run is built, before any data or model loads
+            raise ConfigError(
+                f"user-level DP cannot wrap '{method.name}': it uploads '{method.side_uploads[0]}*' values that are not "
+                "model tensors, so they would escape the clipping and noise; set privacy.user_level.enabled=false "
+                "or pick another method"
+            )
         aggregate = UserLevelDP(method.aggregate, self.clip_norm, self.noise_multiplier, seed)
         info = {**method.info, "user_level_dp": dataclasses.asdict(self)}
         return dataclasses.replace(method, aggregate=aggregate, info=info)
