@@ -132,6 +132,9 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(1, gt=0, description="evaluate the global model every k rounds (and at the end)")
     batch_size: int = Field(256, gt=0)
+    diagnostics: bool = Field(True, description="log the aggregation error per round and module (float64 replay)")
+    sharpness_every: int | None = Field(None, gt=0, description="top Hessian eigenvalue of the global model every k rounds (and at the end); off when unset")
+    sharpness_examples: int = Field(256, gt=0, description="first test examples used for the sharpness (server-side data)")
 
 
 class OutputConfig(_Section):

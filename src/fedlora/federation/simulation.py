@@ -18,6 +18,7 @@ import torch
 from fedlora.config import ExperimentConfig
 from fedlora.errors import BudgetExhausted
 from fedlora.federation.client import ClientResult, ClientSpec, ClientState, run_client
+from fedlora.federation.diagnostics import round_diagnostics
 from fedlora.federation.partition import label_histograms, partition
 from fedlora.federation.runtime import Runtime
 from fedlora.federation.seeds import derive_seed
@@ -204,6 +205,7 @@ class Simulation:
             results.append(res)
         uploads = [r.upload for r in results]
         sizes = [len(self.specs[c].indices) for c in sampled]
+        before = self.global_state
         self.global_state = aggregate_round(self.method, ctx, plan, self.global_state, uploads, sizes, fed.weighting)
         record: dict[str, Any] = {
             "round": rnd,
@@ -221,6 +223,7 @@ class Simulation:
         record["guarantees"] = self.guarantees(rnd)
         record["privacy"] = ledger
         record.update({f"plan_{k}": v for k, v in plan.info.items()})
+        record.update(round_diagnostics(self, rnd, ctx, plan, before, uploads, sizes))
         record["seconds"] = time.perf_counter() - start
         return record
 
