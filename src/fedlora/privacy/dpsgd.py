@@ -1,8 +1,9 @@
 """The DP-SGD step on the active tensors: per-sample gradients, clip, noise, scale.
 
-Per-sample gradients of every ``nn.Linear`` that owns an active tensor (LoRA's ``lora_A`` and
-``lora_B``, the classifier head) are computed inside the ordinary backward pass from the
-layer's saved input and output gradient (``einsum`` over tokens), for the active tensors only.
+Per-sample gradients of every ``nn.Linear`` (or 1x1 ``nn.Conv2d``, a linear layer over pixels)
+that owns an active tensor (LoRA's ``lora_A`` and ``lora_B``, the classifier head) are computed
+inside the ordinary backward pass from the layer's saved input and output gradient (``einsum``
+over tokens or pixels), for the active tensors only.
 Tensors not owned by a linear layer (VeRA's lambda vectors, say) fall back to a
 one-example-at-a-time loop: slower, exact. Clipping is flat (one L2 norm over all active
 tensors of the step), noise is Gaussian with std ``sigma * C`` on the clipped sum, and the
@@ -27,6 +28,22 @@ class DPParams:
     noise_multiplier: float  # sigma
     clip_norm: float  # C
     expected_batch_size: float  # q * n
+    # Test-only (``fedlora.privacy.canaries.run_audit(_disable_noise_for_tests=True)``): add no noise while
+    # the accountant still reports sigma's epsilon, so tests can show that the audit catches a broken
+    # mechanism. No config key sets it.
+    _audit_disable_noise_for_tests: bool = False
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped ``nn.Conv2d``: per-sample gradients fuse like a Linear's."""
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
 
 
 class PerSampleGradients:
@@ -35,7 +52,7 @@ class PerSampleGradients:
     def __init__(self, params: dict[str, nn.Parameter], model: nn.Module) -> None:
         owners: dict[int, tuple[str, nn.Module, str]] = {}
         for mname, module in model.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) or is_pointwise_conv(module):
                 for attr in ("weight", "bias"):
                     p = getattr(module, attr)
                     if p is not None:
@@ -81,9 +98,13 @@ class PerSampleGradients:
                 if g is None:
                     raise RuntimeError(f"no output gradient recorded for {name}; was backward() called?")
                 b = x.shape[0]
+                if isinstance(module, nn.Conv2d):  # a 1x1 conv is a linear layer over pixels
+                    x, g = x.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2)  # (batch, pixels, ch)
                 x3 = x.reshape(b, -1, x.shape[-1])  # (batch, tokens, in)
                 g3 = g.reshape(b, -1, g.shape[-1])  # (batch, tokens, out)
                 piece = torch.einsum("bto,bti->boi", g3, x3) if attr == "weight" else g3.sum(1)
+                if isinstance(module, nn.Conv2d) and attr == "weight":
+                    piece = piece.reshape(b, *module.weight.shape)  # (batch, out, in, 1, 1)
                 total = piece if total is None else total + piece
             if total is None:
                 raise RuntimeError(f"{name} was active but its layer was not used in the forward pass")
@@ -116,7 +137,8 @@ def add_noise(summed: Grads, *, std: float, generator: torch.Generator) -> Grads
 def privatize(per_sample: Grads, dp: DPParams, generator: torch.Generator) -> Grads:
     """clip -> sum -> noise -> scale by the expected batch size."""
     summed = clipped_sum(per_sample, clip_factors(per_sample, dp.clip_norm))
-    noisy = add_noise(summed, std=dp.noise_multiplier * dp.clip_norm, generator=generator)
+    std = 0.0 if dp._audit_disable_noise_for_tests else dp.noise_multiplier * dp.clip_norm
+    noisy = add_noise(summed, std=std, generator=generator)
     return {k: v / dp.expected_batch_size for k, v in noisy.items()}
 
 
