@@ -78,3 +78,5 @@ def test_as_lora_modes_and_schedule_same_shape(tiny_cfg) -> None:
         assert len(rec["plan_modes"]) == 2 and set(rec["plan_modes"]) <= {"A", "B"}
         letters = set(rec["plan_modes"])
         assert rec["plan_schedule"] == (letters.pop() if len(letters) == 1 else "M") * 2
+        assert set(rec["factor_scores"]) <= {f"{lay}/{f}" for lay in (0, 1) for f in "AB"}
+        assert rec["factor_scores"] and all(v >= 0 for v in rec["factor_scores"].values())

@@ -31,7 +31,9 @@ the weighted mean of the clients' effective updates and the update the server ke
 **Factor choices.** ``plan_modes``: one letter per transformer layer of what the round trains
 there ("A", "B", "J" for both, "-" for neither); ``plan_schedule``: one letter per local step of
 what the schedule activates ("A", "B", "J", or "M" when the layers differ in that step). Methods
-that log their own ``plan_modes`` (AS-LoRA) keep it; it has the same shape.
+that log their own ``plan_modes`` (AS-LoRA) keep it; it has the same shape. AS-LoRA's server
+score EMAs after the round (what the next round's choice is drawn from) are logged as
+``factor_scores`` ({"<layer>/<A|B>": float}).
 """
 
 from __future__ import annotations
@@ -163,6 +165,8 @@ def round_diagnostics(sim: Any, rnd: int, ctx: PlanContext, plan: RoundPlan, bef
     out: dict[str, Any] = factor_choices(sim.method, plan, ctx.factors, cfg.federation.local_steps)
     if "modes" in plan.info:  # the method's own per-layer choice (same shape) is logged as plan_modes
         del out["plan_modes"]
+    if isinstance(sim.memory.get("ema"), dict):  # AS-LoRA's score EMAs after this round, {"<layer>/<A|B>": float}
+        out["factor_scores"] = {k: float(v) for k, v in sorted(sim.memory["ema"].items())}
     if cfg.eval.diagnostics:
         start = time.perf_counter()
         weights = aggregation_weights(sizes, cfg.federation.weighting)
