@@ -1,4 +1,4 @@
-"""Command line: ``fedlora run | account | methods | tasks``.
+"""Command line: ``fedlora run | account | compare | plot | methods | tasks``.
 
 Errors a user can cause are printed in one line (problem and fix) with exit code 2.
 """
@@ -120,6 +120,43 @@ def account(
     else:
         assert epsilon is not None
         typer.echo(acc.noise_for(target_epsilon=epsilon, delta=delta, schedule=schedule, accountant=accountant))
+
+
+@app.command()
+@user_errors
+def compare(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: all registered)")] = None,
+    epsilons: Annotated[str, typer.Option(help="comma-separated target epsilons, each > 0")] = "1,3,6",
+    seeds: Annotated[int, typer.Option(help="seeds 0..n-1 per cell")] = 3,
+    out: Annotated[str | None, typer.Option(help="folder that holds the compare directory")] = None,
+    name: Annotated[str | None, typer.Option(help="compare directory name; rerun with the same name to resume")] = None,
+    no_dp_reference: Annotated[bool, typer.Option("--no-dp-reference", help="skip the non-private run per method")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a grid of methods x epsilons x seeds; write results.md/.csv and figures; print the table."""
+    from fedlora.report.compare import plan_grid, run_compare  # noqa: PLC0415
+
+    grid = plan_grid(config, methods=methods, epsilons=epsilons, seeds=seeds, overrides=_overrides(set_ or [], {}),
+                     out=out, name=name, no_dp_reference=no_dp_reference)
+    quiet_libraries()
+    result = run_compare(grid, progress=not quiet)
+    typer.echo(result["markdown"])
+    typer.echo(f"compare directory: {grid.root}")
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (each with metrics.jsonl)")],
+    out: Annotated[Path | None, typer.Option(help="folder for the PNG files (default: the first run directory)")] = None,
+) -> None:
+    """PNG figures over rounds (accuracy, epsilon, aggregation error, sharpness, factor choices)."""
+    from fedlora.report.plots import plot_runs  # noqa: PLC0415
+
+    for path in plot_runs(list(run_dirs), out or run_dirs[0]):
+        typer.echo(str(path))
 
 
 @app.command()

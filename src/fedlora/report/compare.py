@@ -1,0 +1,171 @@
+"""``fedlora compare``: a grid of methods x epsilons x seeds in one resumable directory.
+
+Every cell is a normal run directory (``<method>-eps<e>-seed<s>``, or ``-nodp-`` for the
+non-private reference) under the compare directory, which also holds ``grid.yaml``,
+``results.csv``, ``results.md`` and the PNG figures. Re-running the same command with the same
+name skips cells whose ``summary.json`` exists and redoes half-finished ones. The model and
+data are loaded once per distinct (task, adapter, seed) and reset between runs
+(:class:`RuntimePool`), so a reused runtime gives bitwise the same result as a fresh one.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlora.config import ExperimentConfig, build_config, load_config
+from fedlora.errors import ConfigError, FedloraError
+from fedlora.report.runtime_pool import RuntimePool
+from fedlora.report.table import write_tables
+
+# What a method needs from the adapter; applied before the user's -s overrides.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fedsa-vera": {"adapter.type": "vera"},
+    "fedsa-rslora": {"adapter.rslora": True},
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    epsilon: float | None  # None: the non-private reference
+    seed: int
+
+    @property
+    def name(self) -> str:
+        eps = "nodp" if self.epsilon is None else f"eps{self.epsilon:g}"
+        return f"{self.method}-{eps}-seed{self.seed}"
+
+
+def parse_methods(text: str | None) -> list[str]:
+    from fedlora.methods import available_methods  # noqa: PLC0415
+
+    known = list(available_methods())
+    names = known if text is None else [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ConfigError("--methods is empty; pass names such as dp-lora,ffa-lora (see `fedlora methods`)")
+    for m in names:
+        if m not in known:
+            close = difflib.get_close_matches(m, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown method '{m}' in --methods{hint}; see `fedlora methods`")
+    return list(dict.fromkeys(names))
+
+
+def parse_epsilons(text: str) -> list[float]:
+    try:
+        eps = [float(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons '{text}' must be numbers separated by commas, e.g. 1,3,6") from None
+    if not eps or any(not e > 0 or e == float("inf") for e in eps):
+        raise ConfigError(f"--epsilons '{text}' must be finite numbers > 0, e.g. 1,3,6 (use the no-DP reference for no privacy)")
+    return list(dict.fromkeys(eps))
+
+
+@dataclass
+class Grid:
+    root: Path
+    spec: dict[str, Any]  # what grid.yaml holds
+    cells: list[tuple[Cell, ExperimentConfig]]
+
+
+def plan_grid(config: str | Path | None, *, methods: str | None, epsilons: str, seeds: int,
+              overrides: dict[str, Any] | None = None, out: str | None = None, name: str | None = None,
+              no_dp_reference: bool = False) -> Grid:
+    """Validate everything and build every cell's config; nothing is written."""
+    from fedlora.federation.simulation import build_method_for  # noqa: PLC0415
+
+    names, eps = parse_methods(methods), parse_epsilons(epsilons)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (got {seeds}); seeds 0..n-1 are run")
+    overrides = dict(overrides or {})
+    base = load_config(config, overrides)
+    tree = base.model_dump(mode="json")
+    root = Path(out or base.output.root) / (name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    levels: list[float | None] = [*eps, *([None] if not no_dp_reference else [])]
+    cells = []
+    for seed in range(seeds):
+        for method in names:
+            for e in levels:
+                cell = Cell(method, e, seed)
+                privacy = {"privacy.enabled": False} if e is None else {"privacy.epsilon": e}
+                cfg = build_config(copy.deepcopy(tree), {**METHOD_DEFAULTS.get(method, {}), **overrides, "method.name": method,
+                                          "train.seed": seed, **privacy, "output.root": str(root),
+                                          "output.name": cell.name})
+                build_method_for(cfg)  # method-specific refusals, before anything is written
+                cells.append((cell, cfg))
+    spec = {"methods": names, "epsilons": eps, "seeds": seeds, "no_dp_reference_runs": not no_dp_reference,
+            "overrides": overrides, "method_defaults": {m: METHOD_DEFAULTS[m] for m in names if m in METHOD_DEFAULTS},
+            "base": tree}
+    return Grid(root, spec, cells)
+
+
+def prepare_dir(grid: Grid) -> None:
+    """Create the compare directory, or check that an existing one holds the same grid."""
+    path = grid.root / "grid.yaml"
+    if path.is_file():
+        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if json.dumps(old, sort_keys=True) != json.dumps(json.loads(json.dumps(grid.spec)), sort_keys=True):
+            raise FedloraError(f"'{grid.root}' holds a different grid; rerun the same command or choose another --name")
+        return
+    if grid.root.exists() and any(grid.root.iterdir()):
+        raise FedloraError(f"'{grid.root}' exists and is not a compare directory; choose another --name")
+    grid.root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(grid.spec)), sort_keys=False), encoding="utf-8")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def run_cell(cfg: ExperimentConfig, pool: RuntimePool) -> dict[str, Any]:
+    """One cell: skipped when finished, redone from scratch when half-finished."""
+    from fedlora.experiment import run_experiment  # noqa: PLC0415
+
+    run_dir = Path(cfg.output.root) / str(cfg.output.name)
+    done = read_summary(run_dir)
+    if done is not None:
+        return done
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_experiment(cfg, progress=False, runtime=pool.get(cfg))
+
+
+def run_compare(grid: Grid, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the grid, then write tables and figures; return {'markdown', 'rows', ...}."""
+    prepare_dir(grid)
+    pool = RuntimePool()
+    t0 = time.perf_counter()
+    ordered = sorted(grid.cells, key=lambda c: pool.key(c[1]))  # each runtime is built once
+    if progress:
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        with Progress(TextColumn("[bold]compare"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+            task = bar.add_task("grid", total=len(ordered), status="")
+            for cell, cfg in ordered:
+                bar.update(task, status=cell.name)
+                s = run_cell(cfg, pool)
+                bar.update(task, advance=1, status=f"{cell.name}: acc {s['final'].get('accuracy', float('nan')):.3f}")
+    else:
+        for _, cfg in ordered:
+            run_cell(cfg, pool)
+    pool.close()
+    result = write_tables(grid)
+    result["seconds"] = time.perf_counter() - t0
+    return result

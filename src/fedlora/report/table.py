@@ -1,0 +1,139 @@
+"""The compare grid's outputs: results.csv, results.md and the two summary figures."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlora.report.rundir import read_metrics
+
+COLUMNS = ["method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "personal_accuracy_mean",
+           "personal_accuracy_std", "epsilon_spent", "rounds", "seconds"]
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed)."""
+    if not values:
+        return math.nan, math.nan
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _level(e: float | None) -> str:
+    return "no DP" if e is None else f"{e:g}"
+
+
+def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | None], list[Path]], float | None]:
+    """Rows per method x epsilon over the finished seeds; the finished run dirs; the majority rate."""
+    from fedlora.report.compare import read_summary  # noqa: PLC0415
+
+    groups: dict[tuple[str, float | None], list[tuple[Path, dict[str, Any]]]] = {}
+    for cell, _ in grid.cells:
+        path = grid.root / cell.name
+        s = read_summary(path)
+        groups.setdefault((cell.method, cell.epsilon), [])
+        if s is not None:
+            groups[(cell.method, cell.epsilon)].append((path, s))
+    rows, majority = [], None
+    for (method, eps), runs in groups.items():
+        finals = [s["final"] for _, s in runs]
+        acc, pacc = _stats([f["accuracy"] for f in finals if "accuracy" in f]), \
+            _stats([f["personal_accuracy"] for f in finals if f.get("personal_accuracy") is not None])
+        spent = [f["epsilon"] for f in finals if f.get("epsilon") is not None]
+        majority = next((s["majority_rate"] for _, s in runs), majority)
+        rows.append({"method": method, "epsilon": _level(eps), "seeds": len(runs), "accuracy_mean": acc[0],
+                     "accuracy_std": acc[1], "personal_accuracy_mean": pacc[0], "personal_accuracy_std": pacc[1],
+                     "epsilon_spent": float(np.mean(spent)) if spent else math.nan,
+                     "rounds": float(np.mean([s["rounds"] for _, s in runs])) if runs else math.nan,
+                     "seconds": float(np.mean([s["seconds"]["total"] for _, s in runs])) if runs else math.nan})
+    return rows, {k: [p for p, _ in v] for k, v in groups.items()}, majority
+
+
+def _pm(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(rows: list[dict[str, Any]], majority: float | None, seeds: int) -> str:
+    head = ("| method | epsilon | accuracy | personal accuracy | epsilon spent | rounds | seconds/run | seeds |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        spent = "-" if math.isnan(r["epsilon_spent"]) else f"{r['epsilon_spent']:.2f}"
+        rounds = "-" if math.isnan(r["rounds"]) else f"{r['rounds']:g}"
+        secs = "-" if math.isnan(r["seconds"]) else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'])} | "
+                     f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'])} | {spent} | {rounds} | {secs} | "
+                     f"{r['seeds']}/{seeds} |")
+    maj = "" if majority is None else f"\nMajority-class rate of the test set: {majority:.4f}.\n"
+    return "\n".join(lines) + "\n" + maj + "Accuracy: mean ± standard deviation (ddof 1) over seeds.\n"
+
+
+def mean_curves(run_dirs: list[Path]) -> tuple[list[int], list[float]]:
+    """Mean accuracy per round over the runs that evaluated that round."""
+    per: dict[int, list[float]] = {}
+    for d in run_dirs:
+        for m in read_metrics(d):
+            if isinstance(m.get("accuracy"), float | int):
+                per.setdefault(m["round"], []).append(float(m["accuracy"]))
+    rounds = sorted(per)
+    return rounds, [float(np.mean(per[r])) for r in rounds]
+
+
+def figures(grid: Any, rows: list[dict[str, Any]], dirs: dict[tuple[str, float | None], list[Path]]) -> list[Path]:
+    from fedlora.report.plots import _pyplot  # noqa: PLC0415
+
+    plt = _pyplot()
+    methods, levels = grid.spec["methods"], list(dict.fromkeys(e for _, e in dirs))
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.8), squeeze=False, sharey=True)
+    for ax, e in zip(axes[0], levels, strict=True):
+        for i, m in enumerate(methods):
+            x, y = mean_curves(dirs.get((m, e), []))
+            if x:
+                ax.plot(x, y, marker="o", markersize=3, color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=m)
+        ax.set_title(f"epsilon = {_level(e)}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("mean test accuracy")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(grid.root / "accuracy_per_round.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, m in enumerate(methods):
+        pts = [(float(r["epsilon"]), r["accuracy_mean"], r["accuracy_std"]) for r in rows
+               if r["method"] == m and r["epsilon"] != "no DP" and not math.isnan(r["accuracy_mean"])]
+        if pts:
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=m)
+    ax.set_xlabel("epsilon (per client)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(grid.root / "accuracy_vs_epsilon.png", dpi=110)
+    plt.close(fig)
+    return [grid.root / "accuracy_per_round.png", grid.root / "accuracy_vs_epsilon.png"]
+
+
+def write_tables(grid: Any) -> dict[str, Any]:
+    """results.csv, results.md, the summary figures, and per-epsilon `fedlora plot` figures of seed 0."""
+    from fedlora.report.plots import plot_runs  # noqa: PLC0415
+
+    rows, dirs, majority = collect(grid)
+    with (grid.root / "results.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    md = markdown(rows, majority, grid.spec["seeds"])
+    (grid.root / "results.md").write_text(md, encoding="utf-8")
+    made = figures(grid, rows, dirs)
+    for e in dict.fromkeys(e for _, e in dirs):
+        seed0 = [d for (_, level), ds in dirs.items() if level == e for d in ds if d.name.endswith("-seed0")]
+        if seed0:
+            made += plot_runs(seed0, grid.root / "figures" / ("nodp" if e is None else f"eps{e:g}"))
+    return {"markdown": md, "rows": rows, "majority_rate": majority, "figures": made}
