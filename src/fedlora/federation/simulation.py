@@ -23,8 +23,9 @@ from fedlora.federation.partition import label_histograms, partition
 from fedlora.federation.runtime import Runtime
 from fedlora.federation.seeds import derive_seed
 from fedlora.federation.server import aggregate_round, sample_clients, state_bytes
-from fedlora.methods import Method, MethodSetup, PlanContext, build_method
+from fedlora.methods import Method, MethodSetup, PlanContext
 from fedlora.methods.base import State
+from fedlora.methods.compose import compose_method
 from fedlora.privacy.accounting import calibrate_noise, epsilon, step_budget
 from fedlora.privacy.dpsgd import DPParams
 from fedlora.privacy.user_level import UserLevelPlan, plan_user_level
@@ -49,7 +50,9 @@ class RunResult:
 def build_method_for(cfg: ExperimentConfig) -> Method:
     setup = MethodSetup(cfg.method.options, cfg.adapter.federate_head, cfg.federation.rounds, cfg.train.seed,
                         adapter=cfg.adapter)
-    return build_method(cfg.method.name, setup)
+    seams = {"plan": cfg.method.plan, "schedule": cfg.method.schedule, "upload": cfg.method.upload,
+             "aggregate": cfg.method.aggregate}
+    return compose_method(cfg.method.name, seams, setup)  # the named method, seams replaced where set
 
 
 def client_specs(cfg: ExperimentConfig, parts: list[np.ndarray]) -> list[ClientSpec]:

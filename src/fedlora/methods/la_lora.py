@@ -19,13 +19,13 @@ Models", ICLR 2026, https://arxiv.org/abs/2602.19926 (ALGORITHMS.md section 5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from fedlora.errors import ConfigError
-from fedlora.methods.base import Method, PlanContext, RoundPlan, State
+from fedlora.methods.base import Method, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
 from fedlora.methods.registry import MethodSetup, register_method
 from fedlora.methods.seams import MeanOfUploads, SendTrained, TrainRoles
@@ -51,15 +51,6 @@ def binomial_smooth(g: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FactorGroups:
-    """Every round trains A, B and the head; the plan names the per-role groups."""
-
-    def __call__(self, ctx: PlanContext) -> RoundPlan:
-        plan = TrainRoles(("A", "B", "head"))(ctx)
-        return replace(plan, groups={r: ctx.names(r) for r in ("A", "B", "head")})
-
-
-@dataclass(frozen=True)
 class AlternateSteps:
     """One factor per local step, ``first`` at step 1; the head joins every step."""
 
@@ -80,20 +71,26 @@ class AlternateSteps:
                 for k, g in grads.items()}
 
 
-@register_method("la-lora", "B and A alternate every local step (B first); optional binomial low-pass filter")
-def la_lora(setup: MethodSetup) -> Method:
+def alternate_steps(setup: MethodSetup) -> AlternateSteps:
+    """The schedule from the options ``phase`` (B: paper, A: reference code) and ``filter``."""
     phase = str(setup.option("phase", "B"))
     if phase not in ("A", "B"):
         raise ConfigError(f"la-lora option 'phase' must be 'B' (paper) or 'A' (reference code), got {phase!r}")
     smooth = setup.option("filter", True)
     if not isinstance(smooth, bool):
         raise ConfigError(f"la-lora option 'filter' must be true or false, got {smooth!r}")
+    return AlternateSteps(first=phase, smooth=smooth)
+
+
+@register_method("la-lora", "B and A alternate every local step (B first); optional binomial low-pass filter")
+def la_lora(setup: MethodSetup) -> Method:
+    schedule = alternate_steps(setup)
     return Method(
         name="la-lora",
-        plan=FactorGroups(),
-        schedule=AlternateSteps(first=phase, smooth=smooth),
+        plan=TrainRoles(("A", "B", "head")),  # names the per-role groups the schedule alternates over
+        schedule=schedule,
         upload=SendTrained(),
         aggregate=MeanOfUploads(),
         local_roles=local_roles(setup),
-        info={"phase": phase, "filter": smooth},
+        info={"phase": schedule.first, "filter": schedule.smooth},
     )

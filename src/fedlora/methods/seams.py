@@ -27,7 +27,8 @@ class TrainRoles:
     skip_download: tuple[str, ...] = ()
 
     def __call__(self, ctx: PlanContext) -> RoundPlan:
-        return RoundPlan(ctx.round, ctx.names(*self.roles), download_keys(ctx, self.skip_download))
+        groups = {r: ctx.names(r) for r in self.roles}  # per-role groups (a per-step schedule may use them)
+        return RoundPlan(ctx.round, ctx.names(*self.roles), download_keys(ctx, self.skip_download), groups=groups)
 
 
 @dataclass(frozen=True)
