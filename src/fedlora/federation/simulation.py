@@ -200,12 +200,7 @@ class Simulation:
                 f"target (budget {self.specs[over[0]].step_budget} steps); lower rounds or fix the noise lower"
             )
         download = {k: self.global_state[k] for k in plan.download}
-        results: list[ClientResult] = []
-        for c in sampled:
-            res = run_client(self.rt, self.method, plan, download, self.specs[c], self.clients[c],
-                             local_steps=fed.local_steps, seed=seed)
-            self.clients[c] = res.state
-            results.append(res)
+        sampled, results = self.train_clients(plan, download, sampled)
         uploads = [r.upload for r in results]
         sizes = [len(self.specs[c].indices) for c in sampled]
         before = self.global_state
@@ -229,6 +224,17 @@ class Simulation:
         record.update(round_diagnostics(self, rnd, ctx, plan, before, uploads, sizes))
         record["seconds"] = time.perf_counter() - start
         return record
+
+    def train_clients(self, plan, download: State, sampled: list[int]) -> tuple[list[int], list[ClientResult]]:
+        """Run the sampled clients; returns the clients that answered (all of them here) and their
+        results. The Flower server (fedlora.flower) replaces this with messages to SuperNodes."""
+        results: list[ClientResult] = []
+        for c in sampled:
+            res = run_client(self.rt, self.method, plan, download, self.specs[c], self.clients[c],
+                             local_steps=self.cfg.federation.local_steps, seed=self.cfg.train.seed)
+            self.clients[c] = res.state
+            results.append(res)
+        return sampled, results
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
