@@ -79,19 +79,25 @@ def run(
     name: Annotated[str | None, typer.Option(help="run directory name under output.root")] = None,
     out: Annotated[str | None, typer.Option(help="folder that holds run directories")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory from its latest checkpoint")] = None,
 ) -> None:
-    """Run one federated fine-tuning experiment and write a run directory."""
+    """Run one federated fine-tuning experiment and write a run directory (or --resume one)."""
     from fedlora.config import load_config  # noqa: PLC0415
 
     flags = {"method.name": method, "privacy.epsilon": epsilon, "federation.rounds": rounds,
              "federation.num_clients": clients, "train.seed": seed, "output.name": name, "output.root": out}
     if no_dp:
         flags["privacy.enabled"] = False
-    cfg = load_config(config, _overrides(set_ or [], flags))
+    if resume is None:
+        cfg = load_config(config, _overrides(set_ or [], flags))
+    else:
+        from fedlora.resume import resume_config  # noqa: PLC0415
+
+        cfg = resume_config(resume, config, _overrides(set_ or [], flags))
     quiet_libraries()
     from fedlora.experiment import run_experiment  # noqa: PLC0415
 
-    summary = run_experiment(cfg, progress=not quiet)
+    summary = run_experiment(cfg, progress=not quiet, resume=resume)
     typer.echo(summary["line"])
 
 

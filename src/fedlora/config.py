@@ -41,6 +41,11 @@ class TaskConfig(_Section):
     num_layers: int | None = Field(None, gt=0, description="keep only the first N transformer layers")
     max_length: int = Field(48, gt=0, description="tokens per example (dynamic padding below it)")
     pooling: Literal["mean", "cls"] = "mean"
+    image_column: str = Field("image", description="image column of a datasets image task (e.g. 'img')")
+    image_size: int | None = Field(
+        None, gt=0, description="image side in pixels (default: 32 for EfficientNet-Lite0, the model's own size otherwise)"
+    )
+    doc_stride: int = Field(32, gt=0, description="question answering: token overlap between context windows")
     cache_prefix: bool = Field(
         True, description="cache the frozen layers below the first adapted layer (exact, much faster)"
     )
@@ -71,6 +76,13 @@ class MethodConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific knobs")
 
 
+class FaultConfig(_Section):
+    """Injected client failures, for tests and drills (federation/faults.py)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="share of each round's clients that fail (seeded)")
+    kind: Literal["exception", "timeout", "nonfinite"] = "exception"
+
+
 class FederationConfig(_Section):
     num_clients: int = Field(10, gt=0)
     clients_per_round: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round")
@@ -80,6 +92,10 @@ class FederationConfig(_Section):
     rounds: int = Field(10, gt=0)
     local_steps: int = Field(10, gt=0)
     weighting: Literal["data-size", "uniform"] = "data-size"
+    min_clients: int = Field(1, ge=1, description="fewest successful clients a round aggregates (else retry/stop)")
+    retries: int = Field(0, ge=0, description="re-runs of a round's failed clients when too few succeeded")
+    client_timeout_s: float | None = Field(None, gt=0, description="drop a client whose round takes longer")
+    faults: FaultConfig = Field(default_factory=FaultConfig)
 
 
 class UserLevelConfig(_Section):

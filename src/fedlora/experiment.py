@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from fedlora.config import ExperimentConfig
@@ -30,15 +31,27 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
     return line
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any = None) -> dict[str, Any]:
-    """``runtime``: a loaded :class:`~fedlora.federation.runtime.Runtime` to reuse (``fedlora compare``)."""
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any = None,
+                   resume: str | Path | None = None) -> dict[str, Any]:
+    """``runtime``: a loaded :class:`~fedlora.federation.runtime.Runtime` to reuse (``fedlora compare``).
+    ``resume``: a run directory to continue from its latest checkpoint; cfg is then the run's own
+    config (see fedlora/resume.py)."""
     t0 = time.perf_counter()
-    RunDir.check_free(cfg.output.root, cfg.output.name)  # fail fast, before minutes of loading
-    sim = Simulation(cfg, runtime=runtime)  # data and model load before anything is written
-    run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
-    sim.run_dir = run_dir
-    run_dir.write_config(cfg.to_yaml())
-    run_dir.write_json("setup.json", sim.describe())
+    notes: list[str] = []
+    if resume is None:
+        RunDir.check_free(cfg.output.root, cfg.output.name)  # fail fast, before minutes of loading
+        sim = Simulation(cfg, runtime=runtime)  # data and model load before anything is written
+        run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
+        sim.run_dir = run_dir
+        run_dir.write_config(cfg.to_yaml())
+        run_dir.write_json("setup.json", sim.describe())
+    else:
+        from fedlora.resume import reopen  # noqa: PLC0415
+
+        sim, notes = reopen(cfg, resume, runtime)
+        run_dir = sim.run_dir
+        assert run_dir is not None
+        notes.append(f"resumed after round {sim.round}")
     setup_seconds = time.perf_counter() - t0
 
     if progress:
@@ -52,7 +65,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
-            task = bar.add_task(f"{cfg.method.name} rounds", total=cfg.federation.rounds, status="")
+            task = bar.add_task(f"{cfg.method.name} rounds", total=cfg.federation.rounds, status="", completed=sim.round)
 
             def on_round(m: dict[str, Any]) -> None:
                 acc = f"acc {m['accuracy']:.3f} " if "accuracy" in m else ""
@@ -65,6 +78,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
 
     sim.save_adapter(run_dir.path / "adapter")
     line = summary_line(result, sim)
+    if notes:
+        line += f" ({'; '.join(notes)})"
     summary = {
         "line": line,
         "run_dir": str(run_dir.path),

@@ -99,3 +99,24 @@ def test_fedsa_never_sends_b_or_head_and_keeps_them_per_client(tiny_cfg):
     b0, b1 = sim.clients[0].local[b_name], sim.clients[1].local[b_name]
     assert not torch.equal(b0, b1)  # personal B per client
     assert b0.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(UPLOAD_ROLES))
+def test_battery_resume(tiny_cfg, tmp_path, name):
+    """Every method: 2 rounds == 1 round, checkpoint, restore into a fresh simulation, 1 more round (bitwise)."""
+    from fedlora.federation.checkpoint import load_checkpoint
+    from fedlora.report.rundir import RunDir
+
+    cfg = tiny_cfg(method={"name": name}, federation={"rounds": 2}, **NEEDS.get(name, {}))
+    full = Simulation(cfg).run()
+    first = Simulation(cfg, RunDir.create(tmp_path, "part", name))
+    first.metrics.append(first.run_round(1))
+    first.round = 1
+    first.checkpoint(1)
+    resumed = Simulation(cfg)
+    resumed.restore(load_checkpoint(first.run_dir.checkpoint_dir(1)))
+    out = resumed.run()
+    assert set(out.global_state) == set(full.global_state)
+    assert all(torch.equal(out.global_state[k], full.global_state[k]) for k in full.global_state), name
+    assert out.metrics[-1]["accuracy"] == full.metrics[-1]["accuracy"]
+    assert [c.dp_steps for c in resumed.clients] == [r["steps"] for r in full.metrics[-1]["privacy"]]

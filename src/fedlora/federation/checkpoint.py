@@ -1,7 +1,12 @@
 """Round checkpoints: the global adapter in PEFT format plus the whole federation state.
 
 Written to a temporary folder and renamed into place, so a crash mid-write never leaves a
-half checkpoint under ``round_<k>``.
+half checkpoint under ``round_<k>``. The state holds everything a round depends on that is
+not re-derived from (seed, client, round): the global state, every client's local tensors and
+DP step count (its accountant's history), the method's server memory (e.g. AS-LoRA's score
+EMA), and the metrics so far. All random streams (client batches and noise, server sampling,
+AS-LoRA's modes, user-level DP noise, injected faults) are derived from the seed and the
+round, so a restored round draws exactly what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def federation_state(sim: Simulation) -> dict[str, Any]:
         "global_state": {k: v.cpu() for k, v in sim.global_state.items()},
         "clients": [{"local": {k: v.cpu() for k, v in c.local.items()}, "dp_steps": c.dp_steps} for c in sim.clients],
         "memory": sim.memory,
+        "metrics": sim.metrics,
     }
 
 
@@ -47,6 +53,66 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FedloraError(f"no checkpoint at '{directory}'; expected {STATE_FILE} there")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001  (truncated or corrupted file)
         raise FedloraError(f"checkpoint '{path}' is corrupted or truncated ({type(err).__name__}); resume from an earlier round") from None
+    if not isinstance(state, dict) or not {"round", "config", "global_state", "clients"} <= set(state):
+        raise FedloraError(f"checkpoint '{path}' is not a fedlora federation checkpoint; resume from an earlier round")
+    return state
+
+
+def checkpoint_rounds(checkpoints: Path) -> list[int]:
+    """Rounds with a finished checkpoint folder (temporary ``.round_<k>.tmp`` folders are ignored)."""
+    if not checkpoints.is_dir():
+        return []
+    names = (p.name.removeprefix("round_") for p in checkpoints.glob("round_*") if p.is_dir())
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def latest_checkpoint(checkpoints: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that loads, and one note per newer one skipped as unreadable.
+
+    Returns ``(None, notes)`` when no checkpoint exists (resume starts from round 0); raises
+    :class:`FedloraError` when checkpoints exist but none loads.
+    """
+    rounds, notes = checkpoint_rounds(checkpoints), []
+    for rnd in reversed(rounds):
+        try:
+            return load_checkpoint(checkpoints / f"round_{rnd}"), notes
+        except FedloraError as err:
+            notes.append(str(err))
+    if rounds:
+        raise FedloraError(f"no readable checkpoint under '{checkpoints}' ({notes[0]}); start a new run")
+    return None, notes
+
+
+def restore(sim: Simulation, state: dict[str, Any]) -> None:
+    """Put a loaded checkpoint's federation state into a freshly built simulation."""
+    saved, current = state["config"], sim.cfg.model_dump(mode="json")
+    if saved != current:
+        key = next(_differences(saved, current), "?")
+        raise FedloraError(f"checkpoint was written by another config ('{key}' differs); resume with the run's own config.yaml")
+    if len(state["clients"]) != len(sim.clients) or set(state["global_state"]) != set(sim.global_state):
+        raise FedloraError("checkpoint does not match this run's clients or adapter; resume with the run's own config.yaml")
+
+    def like(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device=ref[k].device, dtype=ref[k].dtype) if k in ref else v for k, v in new.items()}
+
+    from fedlora.federation.client import ClientState  # noqa: PLC0415
+
+    sim.global_state = like(sim.global_state, state["global_state"])
+    sim.clients = [ClientState(like(sim.init_local, c["local"]), int(c["dp_steps"])) for c in state["clients"]]
+    sim.memory.clear()
+    sim.memory.update(state.get("memory", {}))
+    sim.metrics = list(state.get("metrics", []))
+    sim.round = int(state["round"])
+    sim.rt.adapted.load(sim.init_local)  # the model as an uninterrupted run leaves it after evaluating
+    sim.rt.adapted.load(sim.global_state)
+
+
+def _differences(a: Any, b: Any, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")

@@ -17,8 +17,9 @@ import torch
 
 from fedlora.config import ExperimentConfig
 from fedlora.errors import BudgetExhausted
-from fedlora.federation.client import ClientResult, ClientSpec, ClientState, run_client
+from fedlora.federation.client import ClientResult, ClientSpec, ClientState
 from fedlora.federation.diagnostics import round_diagnostics
+from fedlora.federation.faults import ClientsFailed, run_clients
 from fedlora.federation.partition import label_histograms, partition
 from fedlora.federation.runtime import Runtime
 from fedlora.federation.seeds import derive_seed
@@ -108,7 +109,10 @@ def user_level_for(cfg: ExperimentConfig) -> UserLevelPlan | None:
 class Simulation:
     """All clients in one process, sharing one frozen backbone."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: RunDir | None = None, runtime: Runtime | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: RunDir | None = None, runtime: Runtime | None = None, *,
+                 extra_rows: dict[int, np.ndarray] | None = None, held_out_rows: np.ndarray | None = None) -> None:
+        """``extra_rows``: training-set rows added to a client's data after partitioning (audit canaries);
+        ``held_out_rows``: rows no client gets. Both are left out of the partition."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.method = build_method_for(cfg)
@@ -118,8 +122,12 @@ class Simulation:
         self.rt = runtime or Runtime(cfg)
         fed = cfg.federation
         labels = self.rt.task.train.labels
-        self.parts = partition(labels, scheme=fed.partition, num_clients=fed.num_clients,
-                               alpha=fed.dirichlet_alpha, seed=cfg.train.seed, min_size=fed.min_client_size)
+        extra = extra_rows or {}
+        reserved = np.concatenate([np.zeros(0, np.int64), *extra.values(), *([held_out_rows] if held_out_rows is not None else [])])
+        pool = np.setdiff1d(np.arange(len(labels)), reserved)  # every row when nothing is reserved
+        parts = partition(labels[pool], scheme=fed.partition, num_clients=fed.num_clients,
+                          alpha=fed.dirichlet_alpha, seed=cfg.train.seed, min_size=fed.min_client_size)
+        self.parts = [np.sort(np.concatenate([pool[p], np.asarray(extra.get(c, []), np.int64)])) for c, p in enumerate(parts)]
         self.histograms = label_histograms(labels, self.parts, self.rt.task.num_labels)
         self.specs = client_specs(cfg, self.parts)
         bases = self.rt.adapted.base_weight_names() if self.method.shares_base else []
@@ -131,6 +139,7 @@ class Simulation:
         self.clients = [ClientState({k: v.clone() for k, v in self.init_local.items()}) for _ in self.specs]
         self.shares = split_test_set(self.rt.task.test.labels, self.histograms, cfg.train.seed) if self.local_keys else []
         self.memory: dict[str, Any] = {}
+        self.round_faults: dict[str, Any] = {}  # the last round's failed clients (federation/faults.py)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
 
@@ -211,6 +220,7 @@ class Simulation:
             "train_loss": float(np.nanmean([r.loss for r in results])) if results else None,
             "bytes_up": sum(state_bytes(u) for u in uploads),
             "bytes_down": state_bytes(download) * len(sampled),
+            **self.round_faults,
         }
         if rnd % self.cfg.eval.every == 0 or rnd == fed.rounds:
             record.update(self.evaluate())
@@ -226,15 +236,11 @@ class Simulation:
         return record
 
     def train_clients(self, plan, download: State, sampled: list[int]) -> tuple[list[int], list[ClientResult]]:
-        """Run the sampled clients; returns the clients that answered (all of them here) and their
-        results. The Flower server (fedlora.flower) replaces this with messages to SuperNodes."""
-        results: list[ClientResult] = []
-        for c in sampled:
-            res = run_client(self.rt, self.method, plan, download, self.specs[c], self.clients[c],
-                             local_steps=self.cfg.federation.local_steps, seed=self.cfg.train.seed)
-            self.clients[c] = res.state
-            results.append(res)
-        return sampled, results
+        """Run the sampled clients; returns the clients that answered and their results (a client
+        that raises, times out or uploads non-finite values is dropped, the round retried or stopped:
+        federation/faults.py). The Flower server (fedlora.flower) replaces this with messages to SuperNodes."""
+        answered, results, self.round_faults = run_clients(self, plan, download, sampled, plan.round)
+        return answered, results
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
@@ -243,7 +249,7 @@ class Simulation:
         for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
             try:
                 record = self.run_round(rnd)
-            except BudgetExhausted as err:
+            except (BudgetExhausted, ClientsFailed) as err:
                 stop_reason = str(err)
                 break
             self.round = rnd
@@ -269,6 +275,12 @@ class Simulation:
         assert self.run_dir is not None
         save_checkpoint(self, self.run_dir.checkpoint_dir(rnd))
         self.run_dir.prune_checkpoints(self.cfg.output.keep_checkpoints)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's federation state (see federation/checkpoint.py)."""
+        from fedlora.federation.checkpoint import restore  # noqa: PLC0415
+
+        restore(self, state)
 
 
 def as_cpu(state: State) -> State:

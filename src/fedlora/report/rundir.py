@@ -51,6 +51,17 @@ class RunDir:
             raise FedloraError(f"cannot create run directory '{path}' ({err.strerror}); check output.root") from None
         return cls(path)
 
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run directory, reopened to resume it."""
+        if not (path / "config.yaml").is_file():
+            raise FedloraError(f"'{path}' is not a run directory (no config.yaml); pass a folder that `fedlora run` wrote")
+        return cls(path)
+
+    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl by these records (atomically: resume truncates to its checkpoint)."""
+        _atomic_write(self.metrics_path, "".join(json.dumps(r, default=float) + "\n" for r in records))
+
     def write_config(self, yaml_text: str) -> None:
         _atomic_write(self.path / "config.yaml", yaml_text)
 
