@@ -1,4 +1,4 @@
-"""Command line: ``fedlora run | account | compare | plot | methods | tasks``.
+"""Command line: ``fedlora run | account | audit | compare | plot | methods | tasks``.
 
 Errors a user can cause are printed in one line (problem and fix) with exit code 2.
 """
@@ -126,6 +126,31 @@ def account(
     else:
         assert epsilon is not None
         typer.echo(acc.noise_for(target_epsilon=epsilon, delta=delta, schedule=schedule, accountant=accountant))
+
+
+@app.command()
+@user_errors
+def audit(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    canaries: Annotated[int, typer.Option(help="canaries M; each goes into one client with probability 1/2")] = 200,
+    confidence: Annotated[float, typer.Option(help="confidence of the lower bound, in (0, 1)")] = 0.95,
+    client: Annotated[int, typer.Option(help="the client that receives the canaries")] = 0,
+    name: Annotated[str | None, typer.Option(help="run directory name under output.root")] = None,
+) -> None:
+    """Empirical privacy audit: train once with canaries, print a lower bound on epsilon (audit.json)."""
+    from fedlora.config import load_config  # noqa: PLC0415
+
+    if not 0 < confidence < 1:
+        from fedlora.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"--confidence must be in (0, 1) (got {confidence}); 0.95 is usual")
+    cfg = load_config(config, _overrides(set_ or [], {"output.name": name}))
+    quiet_libraries()
+    from fedlora.privacy.canaries import run_audit  # noqa: PLC0415
+
+    result = run_audit(cfg, canaries=canaries, confidence=confidence, client=client)
+    typer.echo(f"{result['line']}; run directory: {result['run_dir']}")
 
 
 @app.command()
