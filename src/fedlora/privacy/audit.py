@@ -10,8 +10,8 @@ largest rejected epsilon is an empirical lower bound on the epsilon training act
 
 This module holds the bound only; ``delta`` is ignored (the paper's delta correction lowers
 the bound by an amount of order m * delta, negligible at delta = 1e-5 and m in the hundreds).
-The training side of the audit (canaries inserted into one client) is not implemented yet:
-see docs/privacy.md.
+The training side of the audit (canaries inserted into one client, membership scores, the
+choice of k+ and k-) is in ``privacy/canaries.py``; see docs/privacy.md.
 """
 
 from __future__ import annotations
