@@ -5,6 +5,7 @@ Errors a user can cause are printed in one line (problem and fix) with exit code
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -37,6 +38,13 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as err:  # a full or read-only disk: earlier outputs stay as they were
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise
+            where = f" '{err.filename}'" if err.filename else ""
+            typer.echo(f"error: cannot write{where} ({err.strerror or os.strerror(err.errno)}); free disk space or "
+                       "choose another output.root, then `fedlora run --resume RUN_DIR`", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

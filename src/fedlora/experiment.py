@@ -17,6 +17,7 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
     acc = final.get("accuracy", float("nan"))
     eps = final.get("epsilon") if final else None
     if sim.cfg.privacy.enabled:
+        eps = eps if eps is not None else 0.0  # no round ran
         privacy = f"epsilon spent {eps:.2f} <= target {sim.cfg.privacy.epsilon:g} (delta {sim.cfg.privacy.delta:g})"
         if sim.user_dp is not None:
             privacy += f"; guarantees: {sim.guarantees(result.rounds_done)}"

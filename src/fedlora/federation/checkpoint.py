@@ -41,8 +41,12 @@ def save_checkpoint(sim: Simulation, directory: Path) -> None:
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(federation_state(sim), tmp / STATE_FILE)
-    sim.save_adapter(tmp / "adapter")
+    try:
+        torch.save(federation_state(sim), tmp / STATE_FILE)
+        sim.save_adapter(tmp / "adapter")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay the latest
+        raise
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

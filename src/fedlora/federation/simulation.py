@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedlora.config import ExperimentConfig
-from fedlora.errors import BudgetExhausted
+from fedlora.errors import BudgetExhausted, ConfigError
 from fedlora.federation.client import ClientResult, ClientSpec, ClientState
 from fedlora.federation.diagnostics import round_diagnostics
 from fedlora.federation.faults import ClientsFailed, run_clients
@@ -72,6 +72,9 @@ def client_specs(cfg: ExperimentConfig, parts: list[np.ndarray]) -> list[ClientS
         else:
             sigma = dp.noise_multiplier
             budget = step_budget(noise_multiplier=sigma, sample_rate=q, max_steps=planned, **common)
+            if budget < fed.local_steps:
+                raise ConfigError(f"privacy.epsilon={dp.epsilon:g} is too small for one round of {fed.local_steps} steps at "
+                                  f"noise_multiplier={sigma:g} (client {cid} allows {budget}); raise privacy.epsilon or the noise")
         specs.append(ClientSpec(cid, idx, q, DPParams(sigma, dp.clip_norm, q * len(idx)), budget))
     return specs
 

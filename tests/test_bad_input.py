@@ -1,0 +1,187 @@
+"""Bad input, as a table: each case through the CLI gives exit code 2, exactly one line on
+stderr naming the problem (and the fix), no traceback, and leaves earlier outputs untouched."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fedlora.cli import app
+from tests.conftest import tiny_tree
+
+runner = CliRunner()
+
+
+@dataclass
+class Env:
+    tmp: Path
+    runs: Path
+    tree: dict
+    done: Path  # a finished 2-round run directory (for --resume cases)
+
+    def cfg(self, **sections) -> str:
+        tree = yaml.safe_load(yaml.safe_dump(self.tree))
+        for name, values in sections.items():
+            tree.setdefault(name, {}).update(values)
+        path = self.tmp / "cfg.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return str(path)
+
+    def data(self, name: str, content: bytes | pd.DataFrame) -> str:
+        path = self.tmp / name
+        if isinstance(content, pd.DataFrame):
+            content.to_csv(path, index=False)
+        else:
+            path.write_bytes(content)
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tiny_csv, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    cfg = root / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_tree(tiny_model_dir, tiny_csv, root / "runs", output={"keep_checkpoints": 1})))
+    assert runner.invoke(app, ["run", str(cfg), "--name", "done", "-q"]).exit_code == 0
+    return root / "runs" / "done"
+
+
+@pytest.fixture
+def env(tiny_model_dir, tiny_csv, tmp_path, finished_run) -> Env:
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_run, runs / "done")
+    (runs / "earlier.txt").write_text("an earlier result\n")
+    return Env(tmp_path, runs, tiny_tree(tiny_model_dir, tiny_csv, runs), runs / "done")
+
+
+def _checkpoint(e: Env) -> Path:
+    return e.done / "checkpoints" / "round_2" / "federation.pt"
+
+
+def _truncate_checkpoint(e: Env) -> list[str]:
+    data = _checkpoint(e).read_bytes()
+    _checkpoint(e).write_bytes(data[: len(data) // 3])
+    return ["run", "--resume", str(e.done), "-q"]
+
+
+def _other_config(e: Env) -> list[str]:
+    saved = yaml.safe_load((e.done / "config.yaml").read_text())
+    saved["train"]["lr"] = 0.05
+    (e.done / "config.yaml").write_text(yaml.safe_dump(saved))
+    return ["run", "--resume", str(e.done), "-q"]
+
+
+def _disk_full_on_new_run(e: Env, monkeypatch) -> list[str]:
+    from fedlora.report import rundir
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "_atomic_write", full)
+    return ["run", e.cfg(), "--name", "new", "-q"]
+
+
+def _disk_full_on_checkpoint(e: Env, monkeypatch) -> list[str]:
+    import torch
+
+    from fedlora.federation import checkpoint
+
+    shutil.rmtree(e.done / "adapter")
+    (e.done / "checkpoints" / "round_2").rename(e.done / "checkpoints" / "round_1")  # resume must rewrite round 2
+    ckpt = torch.load(e.done / "checkpoints" / "round_1" / "federation.pt", weights_only=False)
+    ckpt["round"], ckpt["metrics"] = 1, ckpt["metrics"][:1]
+    for client in ckpt["clients"]:
+        client["dp_steps"] //= 2
+    metrics = e.done / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    torch.save(ckpt, e.done / "checkpoints" / "round_1" / "federation.pt")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    return ["run", "--resume", str(e.done), "-q"]
+
+
+def _one_class(e: Env) -> list[str]:
+    df = pd.DataFrame({"text": [f"good movie {i}" for i in range(60)], "label": [1] * 60})
+    return ["run", e.cfg(task={"dataset": e.data("one.csv", df)}), "-q"]
+
+
+# id -> (argv builder, fragments the line must contain)
+CASES: dict[str, tuple[Callable[..., list[str]], tuple[str, ...]]] = {
+    "malformed-yaml": (lambda e: ["run", e.data("bad.yaml", b"task: [unclosed\n  x: 1"), "-q"], ("not valid YAML",)),
+    "config-not-utf8": (lambda e: ["run", e.data("latin.yaml", "task:\n  name: caf\xe9\n".encode("latin-1")), "-q"],
+                        ("not UTF-8",)),
+    "config-missing": (lambda e: ["run", str(e.tmp / "nope.yaml"), "-q"], ("does not exist",)),
+    "unknown-key": (lambda e: ["run", e.cfg(federation={"round": 3}), "-q"], ("federation.round", "did you mean 'rounds'")),
+    "unknown-section": (lambda e: ["run", e.cfg(privcy={"epsilon": 1}), "-q"], ("privcy", "did you mean 'privacy'")),
+    "wrong-type": (lambda e: ["run", e.cfg(), "-s", "federation.rounds=many", "-q"], ("federation.rounds", "integer")),
+    "override-syntax": (lambda e: ["run", e.cfg(), "-s", "federation.rounds", "-q"], ("key.path=value",)),
+    "zero-rounds": (lambda e: ["run", e.cfg(), "--rounds", "0", "-q"], ("federation.rounds", "greater than 0")),
+    "negative-batch": (lambda e: ["run", e.cfg(train={"batch_size": -4}), "-q"], ("train.batch_size",)),
+    "zero-rank": (lambda e: ["run", e.cfg(adapter={"rank": 0}), "-q"], ("adapter.rank",)),
+    "epsilon-zero": (lambda e: ["run", e.cfg(), "--epsilon", "0", "-q"], ("epsilon must be > 0",)),
+    "epsilon-negative": (lambda e: ["run", e.cfg(), "--epsilon", "-2", "-q"], ("epsilon must be > 0",)),
+    "delta-zero": (lambda e: ["run", e.cfg(privacy={"delta": 0}), "-q"], ("delta must be in (0, 1)",)),
+    "delta-above-one": (lambda e: ["run", e.cfg(privacy={"delta": 1.5}), "-q"], ("delta must be in (0, 1)",)),
+    "epsilon-too-small-for-steps": (lambda e: ["run", e.cfg(privacy={"epsilon": 0.001}), "-q"], ("cannot be met",)),
+    "epsilon-too-small-for-fixed-noise": (
+        lambda e: ["run", e.cfg(privacy={"epsilon": 0.5, "noise_multiplier": 0.3}), "-q"], ("too small for one round",)),
+    "no-clients-sampled": (lambda e: ["run", e.cfg(federation={"clients_per_round": 0.1}), "-q"], ("clients_per_round",)),
+    "unknown-method": (lambda e: ["run", e.cfg(), "--method", "dp-lorra", "-q"], ("unknown method 'dp-lorra'",)),
+    "unknown-task": (lambda e: ["run", e.cfg(task={"name": "text-clasification"}), "-q"], ("text-clasification",)),
+    "missing-data-file": (lambda e: ["run", e.cfg(task={"dataset": str(e.tmp / "none.csv")}), "-q"], ("does not exist",)),
+    "empty-data-file": (lambda e: ["run", e.cfg(task={"dataset": e.data("empty.csv", b"")}), "-q"], ("empty",)),
+    "data-not-utf8": (lambda e: ["run", e.cfg(task={"dataset": e.data("latin.csv", "text,label\ncaf\xe9 bad,0\n".encode("latin-1"))}), "-q"],
+                      ("not UTF-8",)),
+    "missing-label-column": (lambda e: ["run", e.cfg(task={"label_column": "sentiment"}), "-q"], ("sentiment",)),
+    "one-class-labels": (_one_class, ("single class",)),
+    "missing-image-folder": (lambda e: ["run", e.cfg(task={"name": "image-classification", "dataset": str(e.tmp / "imgs")}), "-q"],
+                             ("does not exist",)),
+    "model-path-missing": (lambda e: ["run", e.cfg(task={"model": str(e.tmp / "no-model")}), "-q"], ("model path",)),
+    "run-dir-exists": (lambda e: ["run", e.cfg(), "--name", "done", "-q"], ("already exists",)),
+    "resume-not-a-run-dir": (lambda e: ["run", "--resume", str(e.tmp), "-q"], ("not a run directory",)),
+    "resume-contradicting-override": (lambda e: ["run", "--resume", str(e.done), "--rounds", "5", "-q"],
+                                      ("federation.rounds", "differs")),
+    "resume-truncated-checkpoint": (_truncate_checkpoint, ("no readable checkpoint", "truncated")),
+    "resume-checkpoint-of-another-config": (_other_config, ("another config", "train.lr")),
+    "disk-full-new-run": (_disk_full_on_new_run, ("No space left on device",)),
+    "disk-full-checkpoint": (_disk_full_on_checkpoint, ("No space left on device",)),
+}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every visible file's digest; metrics.jsonl's bytes (a failed round may only append to it)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.name == "metrics.jsonl" else hashlib.sha256(p.read_bytes()).digest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def test_the_table_has_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(env, monkeypatch, case):
+    build, fragments = CASES[case]
+    argv = build(env, monkeypatch) if build.__code__.co_argcount == 2 else build(env)
+    before = _snapshot(env.runs)
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, (case, result.output, result.exception)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "Traceback" not in result.output
+    for f in fragments:
+        assert f in err, err
+    after = _snapshot(env.runs)
+    for key, value in before.items():  # nothing earlier overwritten or removed
+        assert after[key].startswith(value) if key.endswith("metrics.jsonl") else after[key] == value, key
+    assert (env.runs / "earlier.txt").read_text() == "an earlier result\n"
