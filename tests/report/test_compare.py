@@ -35,26 +35,26 @@ def _png(path: Path) -> None:
 
 @pytest.mark.slow
 def test_compare_grid_tables_figures_and_resume(cfg_file: Path, tmp_path: Path) -> None:
-    args = ["compare", str(cfg_file), "--methods", "dp-lora,fedsa-lora", "--epsilons", "2,8", "--seeds", "2",
+    args = ["compare", str(cfg_file), "--methods", "dp-lora,fedsa-lora", "--epsilons", "2", "--seeds", "2",
             "--out", str(tmp_path / "cmp"), "--name", "g", "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     root = tmp_path / "cmp" / "g"
     runs = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "figures")
-    assert len(runs) == 2 * 3 * 2  # methods x (2 epsilons + no-DP reference) x seeds
+    assert len(runs) == 2 * 2 * 2  # methods x (epsilon + no-DP reference) x seeds
     for r in runs:
         assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {p.name for p in (root / r).iterdir()}
     grid = yaml.safe_load((root / "grid.yaml").read_text())
-    assert grid["methods"] == ["dp-lora", "fedsa-lora"] and grid["epsilons"] == [2.0, 8.0] and grid["seeds"] == 2
+    assert grid["methods"] == ["dp-lora", "fedsa-lora"] and grid["epsilons"] == [2.0] and grid["seeds"] == 2
     assert grid["base"]["federation"]["rounds"] == 2
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert {(r["method"], r["epsilon"]) for r in rows} == {(m, e) for m in ("dp-lora", "fedsa-lora")
-                                                           for e in ("2", "8", "no DP")}
+                                                           for e in ("2", "no DP")}
     assert all(r["seeds"] == "2" for r in rows)
     fedsa = next(r for r in rows if r["method"] == "fedsa-lora" and r["epsilon"] == "2")
     assert float(fedsa["personal_accuracy_mean"]) > 0 and float(fedsa["epsilon_spent"]) <= 2.0 + 1e-6
-    dp = next(r for r in rows if r["method"] == "dp-lora" and r["epsilon"] == "8")
-    accs = [json.loads((root / f"dp-lora-eps8-seed{s}" / "summary.json").read_text())["final"]["accuracy"] for s in (0, 1)]
+    dp = next(r for r in rows if r["method"] == "dp-lora" and r["epsilon"] == "2")
+    accs = [json.loads((root / f"dp-lora-eps2-seed{s}" / "summary.json").read_text())["final"]["accuracy"] for s in (0, 1)]
     assert float(dp["accuracy_mean"]) == pytest.approx(sum(accs) / 2)
     md = (root / "results.md").read_text()
     assert "| dp-lora | 2 |" in md and "±" in md and md.splitlines()[0] in result.output
@@ -65,7 +65,7 @@ def test_compare_grid_tables_figures_and_resume(cfg_file: Path, tmp_path: Path) 
     # Resume: a finished cell is kept, a half-finished one (no summary.json) is redone.
     keep = root / "dp-lora-eps2-seed0" / "summary.json"
     stamp = keep.stat().st_mtime_ns
-    half = root / "fedsa-lora-eps8-seed1"
+    half = root / "fedsa-lora-nodp-seed1"
     (half / "summary.json").unlink()
     (half / "metrics.jsonl").write_text("garbage\n")
     again = runner.invoke(app, args)
@@ -96,6 +96,18 @@ def test_reused_runtime_is_bitwise_a_fresh_run(tiny_cfg) -> None:
     # Another seed (or adapter) is another runtime.
     pool.get(tiny_cfg(train={"seed": 1}))
     assert pool.built == 2
+
+
+def test_task_shared_across_adapters_gives_a_fresh_result(tiny_cfg) -> None:
+    pool = RuntimePool()
+    lora = tiny_cfg(federation={"rounds": 1})
+    vera = tiny_cfg(adapter={"type": "vera"}, method={"name": "fedsa-vera"}, federation={"rounds": 1})
+    first = pool.get(lora)
+    shared = pool.get(vera)
+    assert pool.built == 2 and shared.task is first.task  # data loaded once
+    reused = Simulation(vera, runtime=shared).run().global_state
+    fresh = Simulation(vera).run().global_state
+    assert all(torch.equal(reused[k], fresh[k]) for k in fresh)
 
 
 def test_method_defaults_set_adapter_needs(cfg_file: Path, tmp_path: Path) -> None:

@@ -145,7 +145,9 @@ def run_compare(grid: Grid, *, progress: bool = True) -> dict[str, Any]:
     prepare_dir(grid)
     pool = RuntimePool()
     t0 = time.perf_counter()
-    ordered = sorted(grid.cells, key=lambda c: pool.key(c[1]))  # each runtime is built once
+    # Seed-major, then by epsilon (a stopped grid has every method at the first levels), then by
+    # runtime; the data are shared across adapters, so switching runtimes costs only a model build.
+    ordered = sorted(grid.cells, key=lambda c: (c[0].seed, c[0].epsilon or float("inf"), pool.key(c[1])))
     if progress:
         from rich.progress import (  # noqa: PLC0415
             BarColumn,

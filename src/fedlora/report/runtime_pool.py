@@ -25,7 +25,12 @@ class RuntimePool:
         self._key: str | None = None
         self._rt: Runtime | None = None
         self._snap: dict[str, Any] = {}
+        self._task: tuple[str, Any] | None = None  # (task key, Task): the data, shared across adapters
         self.built = 0
+
+    @staticmethod
+    def task_key(cfg: ExperimentConfig) -> str:
+        return json.dumps([cfg.task.model_dump(mode="json"), cfg.train.seed], sort_keys=True)
 
     @staticmethod
     def key(cfg: ExperimentConfig) -> str:
@@ -36,7 +41,10 @@ class RuntimePool:
         key = self.key(cfg)
         if key != self._key or self._rt is None:
             self.close()
-            self._rt = Runtime(cfg)
+            tkey = self.task_key(cfg)
+            task = self._task[1] if self._task is not None and self._task[0] == tkey else None
+            self._rt = Runtime(cfg, task=task)  # a shared task keeps its tokenised data and prefix cache
+            self._task = (tkey, self._rt.task)
             self._key, self._snap = key, snapshot(self._rt)
             self.built += 1
         else:
