@@ -56,15 +56,17 @@ def test_naming_a_methods_own_seam_changes_nothing(tiny_cfg):
 
 
 def test_dp_lora_with_alternating_steps_is_la_lora(tiny_cfg):
-    cfg = tiny_cfg(method={"name": "dp-lora", "schedule": "alternate-steps"}, federation={"rounds": 1})
-    composed, paper = Simulation(cfg), Simulation(tiny_cfg(method={"name": "la-lora"}, federation={"rounds": 1}))
+    fast = {"federation": {"rounds": 1}, "eval": {"diagnostics": False}}
+    cfg = tiny_cfg(method={"name": "dp-lora", "schedule": "alternate-steps"}, **fast)
+    composed, paper = Simulation(cfg), Simulation(tiny_cfg(method={"name": "la-lora"}, **fast))
     assert composed.method.name == "dp-lora+schedule=alternate-steps" and not composed.method.exact
     a, b = composed.run(), paper.run()
     assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in b.global_state)
 
 
 def test_alternating_schedule_with_fedex_aggregate_is_exact_on_the_tiny_model(tiny_cfg):
-    cfg = tiny_cfg(method={"name": "la-lora", "aggregate": "fedex", "options": {"phase": "A"}}, federation={"rounds": 2})
+    cfg = tiny_cfg(method={"name": "la-lora", "aggregate": "fedex", "options": {"phase": "A"}}, federation={"rounds": 2},
+                   eval={"every": 100, "diagnostics": False})
     sim = Simulation(cfg)
     m = sim.method
     assert m.name == "la-lora+aggregate=fedex" and m.shares_base and m.exact

@@ -132,7 +132,7 @@ def test_pitfall_05_as_lora_decisions_depend_on_noisy_gradients_only():
 
 # 6 ---------------------------------------------------------------------------------------
 def test_pitfall_06_every_dp_step_is_counted_even_when_its_factor_stays_local(tiny_cfg):
-    cfg = tiny_cfg(method={"name": "fedsa-lora"}, federation={"rounds": 3, "local_steps": 2, "clients_per_round": 0.67},
+    cfg = tiny_cfg(method={"name": "fedsa-lora"}, federation={"rounds": 3, "local_steps": 2, "clients_per_round": 0.34},
                    eval=FAST)
     sim = Simulation(cfg)
     result = sim.run()
