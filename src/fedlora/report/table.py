@@ -12,7 +12,7 @@ import numpy as np
 from fedlora.report.rundir import read_metrics
 
 COLUMNS = ["method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "personal_accuracy_mean",
-           "personal_accuracy_std", "epsilon_spent", "rounds", "seconds"]
+           "personal_accuracy_std", "epsilon_spent", "aggregation_error", "rounds", "seconds"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -21,6 +21,13 @@ def _stats(values: list[float]) -> tuple[float, float]:
         return math.nan, math.nan
     arr = np.asarray(values, dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def mean_aggregation_error(run_dir: Path) -> float | None:
+    """Mean over rounds of the run's logged ``aggregation_error`` (None when it logs none)."""
+    vals = [float(m["aggregation_error"]) for m in read_metrics(run_dir)
+            if isinstance(m.get("aggregation_error"), float | int)]
+    return float(np.mean(vals)) if vals else None
 
 
 def _level(e: float | None) -> str:
@@ -45,9 +52,11 @@ def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | No
             _stats([f["personal_accuracy"] for f in finals if f.get("personal_accuracy") is not None])
         spent = [f["epsilon"] for f in finals if f.get("epsilon") is not None]
         majority = next((s["majority_rate"] for _, s in runs), majority)
+        agg = [v for p, _ in runs if (v := mean_aggregation_error(p)) is not None]
         rows.append({"method": method, "epsilon": _level(eps), "seeds": len(runs), "accuracy_mean": acc[0],
                      "accuracy_std": acc[1], "personal_accuracy_mean": pacc[0], "personal_accuracy_std": pacc[1],
                      "epsilon_spent": float(np.mean(spent)) if spent else math.nan,
+                     "aggregation_error": float(np.mean(agg)) if agg else math.nan,
                      "rounds": float(np.mean([s["rounds"] for _, s in runs])) if runs else math.nan,
                      "seconds": float(np.mean([s["seconds"]["total"] for _, s in runs])) if runs else math.nan})
     return rows, {k: [p for p, _ in v] for k, v in groups.items()}, majority
@@ -58,18 +67,20 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], majority: float | None, seeds: int) -> str:
-    head = ("| method | epsilon | accuracy | personal accuracy | epsilon spent | rounds | seconds/run | seeds |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| method | epsilon | accuracy | personal accuracy | epsilon spent | aggregation error | rounds | "
+            "seconds/run | seeds |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         spent = "-" if math.isnan(r["epsilon_spent"]) else f"{r['epsilon_spent']:.2f}"
         rounds = "-" if math.isnan(r["rounds"]) else f"{r['rounds']:g}"
         secs = "-" if math.isnan(r["seconds"]) else f"{r['seconds']:.0f}"
+        agg = "-" if math.isnan(r["aggregation_error"]) else f"{r['aggregation_error']:.2e}"
         lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'])} | "
-                     f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'])} | {spent} | {rounds} | {secs} | "
+                     f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'])} | {spent} | {agg} | {rounds} | {secs} | "
                      f"{r['seeds']}/{seeds} |")
     maj = "" if majority is None else f"\nMajority-class rate of the test set: {majority:.4f}.\n"
-    return "\n".join(lines) + "\n" + maj + "Accuracy: mean ± standard deviation (ddof 1) over seeds.\n"
+    return ("\n".join(lines) + "\n" + maj + "Accuracy: mean ± standard deviation (ddof 1) over seeds. Aggregation "
+            "error: relative Frobenius error of the kept product, mean over rounds and seeds.\n")
 
 
 def mean_curves(run_dirs: list[Path]) -> tuple[list[int], list[float]]:

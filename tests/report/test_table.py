@@ -1,0 +1,44 @@
+"""The compare tables from run directories: mean ± std over seeds, aggregation error, partial grids."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedlora.report.compare import Cell, Grid
+from fedlora.report.table import collect, write_tables
+
+
+def _finished(root: Path, cell: Cell, acc: float, agg: list[float]) -> None:
+    d = root / cell.name
+    d.mkdir(parents=True)
+    records = [{"round": r + 1, "accuracy": acc - 0.01 * (len(agg) - r - 1), "epsilon": 0.5, "aggregation_error": a}
+               for r, a in enumerate(agg)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in records))
+    (d / "summary.json").write_text(json.dumps({"final": {"accuracy": acc, "epsilon": 0.9}, "rounds": len(agg),
+                                                "majority_rate": 0.55, "seconds": {"total": 10.0}}))
+
+
+def test_rows_over_seeds_and_a_missing_cell(tmp_path: Path) -> None:
+    cells = [Cell("dp-lora", 1.0, s) for s in (0, 1)] + [Cell("ffa-lora", 1.0, s) for s in (0, 1)]
+    grid = Grid(tmp_path, {"methods": ["dp-lora", "ffa-lora"], "seeds": 2}, [(c, None) for c in cells])
+    _finished(tmp_path, cells[0], 0.60, [0.2, 0.4])
+    _finished(tmp_path, cells[1], 0.70, [0.1, 0.1])
+    (tmp_path / cells[2].name).mkdir()  # started, never finished: not counted
+    rows, _, majority = collect(grid)
+    dp, ffa = rows
+    assert dp["seeds"] == 2 and dp["accuracy_mean"] == pytest.approx(0.65)
+    assert dp["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)  # ddof 1
+    assert dp["aggregation_error"] == pytest.approx((0.3 + 0.1) / 2)
+    assert ffa["seeds"] == 0 and math.isnan(ffa["accuracy_mean"]) and majority == 0.55
+    out = write_tables(grid)
+    md = (tmp_path / "results.md").read_text()
+    assert "| dp-lora | 1 | 0.6500 ± 0.0707 | - | 0.90 | 2.00e-01 | 2 | 10 | 2/2 |" in md
+    assert "| ffa-lora | 1 | - |" in md and "0/2" in md and "0.5500" in md and out["markdown"] == md
+    assert [r["method"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["dp-lora", "ffa-lora"]
+    for name in ("accuracy_per_round.png", "accuracy_vs_epsilon.png", "figures/eps1/accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 1000
