@@ -97,7 +97,7 @@ def _disk_full_on_checkpoint(e: Env, monkeypatch) -> list[str]:
     shutil.rmtree(e.done / "adapter")
     (e.done / "checkpoints" / "round_2").rename(e.done / "checkpoints" / "round_1")  # resume must rewrite round 2
     ckpt = torch.load(e.done / "checkpoints" / "round_1" / "federation.pt", weights_only=False)
-    ckpt["round"], ckpt["metrics"] = 1, ckpt["metrics"][:1]
+    ckpt["round"], ckpt["metrics_rows"] = 1, 1
     for client in ckpt["clients"]:
         client["dp_steps"] //= 2
     metrics = e.done / "metrics.jsonl"

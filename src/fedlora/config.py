@@ -158,6 +158,7 @@ class OutputConfig(_Section):
     name: str | None = Field(None, description="run directory name (default: method-timestamp)")
     checkpoint_every: int = Field(1, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="keep the last N round checkpoints")
+    keep_every: int | None = Field(None, gt=0, description="also keep every M-th round's checkpoint (M = keep_every)")
 
 
 class ExperimentConfig(_Section):

@@ -8,6 +8,7 @@ checkpoint's rounds, and the round loop continues to the end.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,21 @@ def reopen(cfg: ExperimentConfig, run_dir: str | Path, runtime: Any = None) -> t
     """A simulation restored from the run's latest readable checkpoint (round 0 when none)."""
     rd = RunDir.open(Path(run_dir))
     state, notes = latest_checkpoint(rd.checkpoints)  # before minutes of loading: fail fast
+    rows = first_records(rd.metrics_path, state["metrics_rows"] if state is not None else 0)
     sim = Simulation(cfg, rd, runtime)
     if state is not None:
-        sim.restore(state)
-    rd.rewrite_metrics(sim.metrics)
+        sim.restore(state, rows)
+    rd.rewrite_metrics(rows)  # drops rounds after the checkpoint and a half-written last line
     return sim, notes
+
+
+def first_records(path: Path, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` records of metrics.jsonl (those the checkpoint had seen)."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    try:
+        rows = [json.loads(line) for line in lines[:n]]
+    except json.JSONDecodeError:
+        rows = []
+    if len(rows) < n:
+        raise FedloraError(f"'{path}' holds fewer than the checkpoint's {n} records (edited or lost); start a new run")
+    return rows

@@ -30,7 +30,7 @@ def test_run_three_rounds_equals_one_round_then_resume(tiny_cfg, tmp_path):
     state, notes = latest_checkpoint(first.run_dir.checkpoints)
     assert state is not None and state["round"] == 1 and not notes
     resumed = Simulation(tiny_cfg(federation={"rounds": 3}))
-    resumed.restore(state)
+    resumed.restore(state, first.metrics)
     out = resumed.run()
     assert out.rounds_done == 3 and _equal(full.global_state, out.global_state)
     assert [m["accuracy"] for m in out.metrics] == [m["accuracy"] for m in full.metrics]

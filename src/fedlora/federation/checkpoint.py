@@ -4,7 +4,8 @@ Written to a temporary folder and renamed into place, so a crash mid-write never
 half checkpoint under ``round_<k>``. The state holds everything a round depends on that is
 not re-derived from (seed, client, round): the global state, every client's local tensors and
 DP step count (its accountant's history), the method's server memory (e.g. AS-LoRA's score
-EMA), and the metrics so far. All random streams (client batches and noise, server sampling,
+EMA), and how many metrics records metrics.jsonl holds at this point (the records themselves
+stay in metrics.jsonl, so a checkpoint's size does not grow with the rounds). All random streams (client batches and noise, server sampling,
 AS-LoRA's modes, user-level DP noise, injected faults) are derived from the seed and the
 round, so a restored round draws exactly what the uninterrupted run drew.
 """
@@ -33,7 +34,7 @@ def federation_state(sim: Simulation) -> dict[str, Any]:
         "global_state": {k: v.cpu() for k, v in sim.global_state.items()},
         "clients": [{"local": {k: v.cpu() for k, v in c.local.items()}, "dp_steps": c.dp_steps} for c in sim.clients],
         "memory": sim.memory,
-        "metrics": sim.metrics,
+        "metrics_rows": len(sim.metrics),
     }
 
 
@@ -90,8 +91,9 @@ def latest_checkpoint(checkpoints: Path) -> tuple[dict[str, Any] | None, list[st
     return None, notes
 
 
-def restore(sim: Simulation, state: dict[str, Any]) -> None:
-    """Put a loaded checkpoint's federation state into a freshly built simulation."""
+def restore(sim: Simulation, state: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> None:
+    """Put a loaded checkpoint's federation state into a freshly built simulation; ``metrics``:
+    the run's first ``state["metrics_rows"]`` records (None: start the in-memory list empty)."""
     saved, current = state["config"], sim.cfg.model_dump(mode="json")
     if saved != current:
         key = next(_differences(saved, current), "?")
@@ -108,7 +110,10 @@ def restore(sim: Simulation, state: dict[str, Any]) -> None:
     sim.clients = [ClientState(like(sim.init_local, c["local"]), int(c["dp_steps"])) for c in state["clients"]]
     sim.memory.clear()
     sim.memory.update(state.get("memory", {}))
-    sim.metrics = list(state.get("metrics", []))
+    if metrics is not None and len(metrics) != state.get("metrics_rows", len(metrics)):
+        raise FedloraError(f"checkpoint of round {state['round']} expects {state['metrics_rows']} metrics records, "
+                           f"got {len(metrics)}; start a new run")
+    sim.metrics = list(metrics or [])
     sim.round = int(state["round"])
     sim.rt.adapted.load(sim.init_local)  # the model as an uninterrupted run leaves it after evaluating
     sim.rt.adapted.load(sim.global_state)

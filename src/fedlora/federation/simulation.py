@@ -277,13 +277,13 @@ class Simulation:
 
         assert self.run_dir is not None
         save_checkpoint(self, self.run_dir.checkpoint_dir(rnd))
-        self.run_dir.prune_checkpoints(self.cfg.output.keep_checkpoints)
+        self.run_dir.prune_checkpoints(self.cfg.output.keep_checkpoints, self.cfg.output.keep_every)
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> None:
         """Continue from a checkpoint's federation state (see federation/checkpoint.py)."""
         from fedlora.federation.checkpoint import restore  # noqa: PLC0415
 
-        restore(self, state)
+        restore(self, state, metrics)
 
 
 def as_cpu(state: State) -> State:

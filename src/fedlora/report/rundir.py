@@ -76,12 +76,14 @@ class RunDir:
     def checkpoint_dir(self, round: int) -> Path:
         return self.checkpoints / f"round_{round}"
 
-    def prune_checkpoints(self, keep: int) -> None:
+    def prune_checkpoints(self, keep: int, every: int | None = None) -> None:
+        """Keep the last ``keep`` round checkpoints, and every ``every``-th round's."""
         if not self.checkpoints.exists():
             return
         rounds = sorted(int(p.name.split("_")[1]) for p in self.checkpoints.glob("round_*") if p.name.split("_")[1].isdigit())
         for r in rounds[:-keep]:
-            shutil.rmtree(self.checkpoint_dir(r), ignore_errors=True)
+            if every is None or r % every:
+                shutil.rmtree(self.checkpoint_dir(r), ignore_errors=True)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
