@@ -119,5 +119,7 @@ def test_cli_audit_prints_one_line_and_writes_audit_json(audit_files, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.strip().startswith("audit: empirical epsilon >= ") and len(result.output.strip().splitlines()) == 1
     assert json.loads((tmp_path / "runs" / "a" / "audit.json").read_text())["canaries"] == 20
+    plain = CliRunner().invoke(app, ["audit", str(path), "--canaries", "20", "--name", "c", "-s", "privacy.enabled=false"])
+    assert plain.exit_code == 0 and "no DP claimed" in plain.output, plain.output
     bad = CliRunner().invoke(app, ["audit", str(path), "--canaries", "1", "--name", "b"])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: --canaries must be at least 2"), bad.output
