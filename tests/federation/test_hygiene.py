@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from itertools import pairwise
 from pathlib import Path
 
@@ -20,8 +21,8 @@ def _size(path: Path) -> int:
 
 
 def test_retention_keeps_last_n_and_every_mth_and_growth_is_known(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(federation={"rounds": 7, "local_steps": 1}, output={"keep_checkpoints": 2, "keep_every": 3},
-                   eval={"diagnostics": False})
+    cfg = tiny_cfg(federation={"rounds": 5, "local_steps": 1}, output={"keep_checkpoints": 1, "keep_every": 2},
+                   eval={"every": 5, "diagnostics": False})
     sim = Simulation(cfg, RunDir.create(tmp_path, "run", "x"))
     rd = sim.run_dir
     rd.write_config(cfg.to_yaml())
@@ -36,10 +37,10 @@ def test_retention_keeps_last_n_and_every_mth_and_growth_is_known(tiny_cfg, tmp_
     sim.run(on_round)
     per_ckpt = seen[0][4][0]
     for rnd, kept, total, metrics, sizes in seen:
-        assert kept == sorted({r for r in range(1, rnd + 1) if r > rnd - 2 or r % 3 == 0}), rnd
+        assert kept == sorted({r for r in range(1, rnd + 1) if r == rnd or r % 2 == 0}), rnd
         assert all(abs(s - per_ckpt) <= 64 for s in sizes), sizes  # a checkpoint does not grow with the rounds
         assert abs(total - (fixed + metrics + len(kept) * per_ckpt)) <= 64 * len(kept)
-    assert [k for _, k, *_ in seen][-1] == [3, 6, 7]
+    assert [k for _, k, *_ in seen][-1] == [2, 4, 5]
     metrics_sizes = [0] + [s[3] for s in seen]
     assert all(0 < b - a < 20_000 for a, b in pairwise(metrics_sizes))  # one bounded line per round
 
@@ -51,7 +52,9 @@ def _rss_bytes() -> int:
 
 def _live_tensors() -> tuple[int, int]:
     gc.collect()
-    ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    with warnings.catch_warnings():  # isinstance() touches deprecated torch module proxies
+        warnings.simplefilter("ignore")
+        ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     return len(ts), sum(t.numel() * t.element_size() for t in ts if not t.is_meta)
 
 
