@@ -57,14 +57,19 @@ class Task(Protocol):
 
 
 TaskFactory = Callable[..., Task]
+OfflineCheck = Callable[[], str | None]  # None: runs offline here; else what is missing
 _TASKS: dict[str, tuple[TaskFactory, str]] = {}
+_OFFLINE: dict[str, OfflineCheck] = {}
 
 
-def register_task(name: str, description: str) -> Callable[[TaskFactory], TaskFactory]:
+def register_task(name: str, description: str, offline: OfflineCheck | None = None) -> Callable[[TaskFactory], TaskFactory]:
+    """``offline``: says what this machine lacks for the task's offline default (None: nothing)."""
     def deco(factory: TaskFactory) -> TaskFactory:
         if name in _TASKS:
             raise ValueError(f"task '{name}' is already registered")
         _TASKS[name] = (factory, description)
+        if offline is not None:
+            _OFFLINE[name] = offline
         return factory
 
     return deco
@@ -72,6 +77,16 @@ def register_task(name: str, description: str) -> Callable[[TaskFactory], TaskFa
 
 def available_tasks() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_TASKS.items())}
+
+
+def offline_status() -> dict[str, str]:
+    """Per task: 'offline: yes', 'offline: no (<what is missing>)' or 'online only'."""
+    out = {}
+    for name in sorted(_TASKS):
+        check = _OFFLINE.get(name)
+        missing = check() if check is not None else "online only"
+        out[name] = "online only" if check is None else ("offline: yes" if missing is None else f"offline: no ({missing})")
+    return out
 
 
 def build_task(cfg: Any, seed: int) -> Task:

