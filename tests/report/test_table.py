@@ -38,7 +38,7 @@ def test_rows_over_seeds_and_a_missing_cell(tmp_path: Path) -> None:
     out = write_tables(grid)
     md = (tmp_path / "results.md").read_text()
     assert "| dp-lora | 1 | 0.6500 ± 0.0707 | - | 0.90 | 2.00e-01 | 2 | 10 | 2/2 |" in md
-    assert "| ffa-lora | 1 | - |" in md and "0/2" in md and "0.5500" in md and out["markdown"] == md
+    assert "| ffa-lora | 1 | - |" in md and "0/2" in md and "| 0.7000 |" not in md and "0.5500" in md and out["markdown"] == md
     assert [r["method"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["dp-lora", "ffa-lora"]
     for name in ("accuracy_per_round.png", "accuracy_vs_epsilon.png", "figures/eps1/accuracy.png"):
         assert (tmp_path / name).stat().st_size > 1000

@@ -62,8 +62,10 @@ def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | No
     return rows, {k: [p for p, _ in v] for k, v in groups.items()}, majority
 
 
-def _pm(mean: float, std: float) -> str:
-    return "-" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+def _pm(mean: float, std: float, seeds: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
 def markdown(rows: list[dict[str, Any]], majority: float | None, seeds: int) -> str:
@@ -75,11 +77,11 @@ def markdown(rows: list[dict[str, Any]], majority: float | None, seeds: int) -> 
         rounds = "-" if math.isnan(r["rounds"]) else f"{r['rounds']:g}"
         secs = "-" if math.isnan(r["seconds"]) else f"{r['seconds']:.0f}"
         agg = "-" if math.isnan(r["aggregation_error"]) else f"{r['aggregation_error']:.2e}"
-        lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'])} | "
-                     f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'])} | {spent} | {agg} | {rounds} | {secs} | "
+        lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'], r['seeds'])} | "
+                     f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'], r['seeds'])} | {spent} | {agg} | {rounds} | {secs} | "
                      f"{r['seeds']}/{seeds} |")
     maj = "" if majority is None else f"\nMajority-class rate of the test set: {majority:.4f}.\n"
-    return ("\n".join(lines) + "\n" + maj + "Accuracy: mean ± standard deviation (ddof 1) over seeds. Aggregation "
+    return ("\n".join(lines) + "\n" + maj + "Accuracy: mean ± standard deviation (ddof 1) over the finished seeds. Aggregation "
             "error: relative Frobenius error of the kept product, mean over rounds and seeds.\n")
 
 
@@ -109,7 +111,9 @@ def figures(grid: Any, rows: list[dict[str, Any]], dirs: dict[tuple[str, float |
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("mean test accuracy")
-    axes[0, -1].legend(fontsize=7)
+    fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))
+    if fullest.get_lines():
+        fullest.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(grid.root / "accuracy_per_round.png", dpi=110)
     plt.close(fig)
@@ -124,7 +128,8 @@ def figures(grid: Any, rows: list[dict[str, Any]], dirs: dict[tuple[str, float |
     ax.set_xlabel("epsilon (per client)")
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(grid.root / "accuracy_vs_epsilon.png", dpi=110)
     plt.close(fig)
