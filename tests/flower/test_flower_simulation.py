@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, Context  # the `flower` extra (`make install` installs it)
+from flwr.serverapp import Grid, ServerApp
 
-pytest.importorskip("flwr")  # the `flower` extra; `make install` installs it
-
-from flwr.app import ArrayRecord, Context  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-
-from fedlora.federation.checkpoint import load_checkpoint  # noqa: E402
-from fedlora.federation.simulation import Simulation  # noqa: E402
-from fedlora.flower.messages import STATE_KEY  # noqa: E402
-from fedlora.flower.server_app import serve  # noqa: E402
-from fedlora.flower.simulate import run_config_for, simulate  # noqa: E402
+from fedlora.federation.checkpoint import load_checkpoint
+from fedlora.federation.simulation import Simulation
+from fedlora.flower.messages import STATE_KEY
+from fedlora.flower.server_app import serve
+from fedlora.flower.simulate import run_config_for, simulate
 
 
 class RecordingGrid:

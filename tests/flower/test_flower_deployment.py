@@ -1,0 +1,60 @@
+"""`fedlora flower up` on 127.0.0.1: TLS, SuperNode authentication, a node killed mid-run, clean stop."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora.flower.certs import make_node_key
+from fedlora.flower.deploy import Deployment, descendants, up
+
+
+@pytest.mark.slow
+def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_every_process(tiny_cfg):
+    cfg = tiny_cfg(method={"name": "fedsa-lora"}, train={"threads": 1}, privacy={"noise_multiplier": 3.0}, eval={"every": 2},
+                   federation={"num_clients": 3, "rounds": 2, "local_steps": 2, "min_client_size": 20},
+                   output={"name": "flower-up"})
+    started: dict[str, list[int]] = {"pids": []}
+
+    def watch(dep: Deployment) -> None:
+        started["pids"] = sorted({*started["pids"], *(p.pid for p in dep.procs.values()),
+                                  *(d for p in dep.procs.values() for d in descendants(p.pid))})
+        if "intruder" not in dep.procs:  # a SuperNode whose key was never registered
+            private, _ = make_node_key(dep.work / "keys", "intruder")
+            dep.start_supernode(0, private, name="intruder")
+        metrics = dep.work.parent / "metrics.jsonl"
+        if "supernode2" in dep.procs and metrics.is_file() and metrics.read_text().strip():
+            dep.stop("supernode2")  # killed after round 1: round 2 must finish with clients 0 and 1
+
+    run = up(cfg, min_clients=2, round_timeout=300, timeout=1200, watch=watch)
+
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["clients"] == [0, 1, 2] and rounds[1]["clients"] == [0, 1] and rounds[1]["dropped"] == [2]
+    steps = {row["client"]: row["steps"] for row in rounds[-1]["privacy"]}
+    assert steps == {0: 4, 1: 4, 2: 2}  # the ledger counts exactly the steps of answered rounds
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["stop_reason"] is None
+
+    setup = json.loads((run / "setup.json").read_text())
+    assert sorted(int(k) for k in setup["nodes"]) == [0, 1, 2]  # the intruder never got partition 0
+    assert "Failed to activate SuperNode" in (run / "flower" / "intruder.log").read_text()
+    link = (run / "flower" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in link  # refused by SuperNode authentication
+    assert "running on https://127.0.0.1" in link  # TLS on
+
+    deadline = time.monotonic() + 20  # every process the command started is gone (killed ones may await reaping)
+    while [p for p in started["pids"] if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in started["pids"] if alive(p)]
+
+
+def alive(pid: int) -> bool:
+    """A running (not zombie) process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
