@@ -211,9 +211,11 @@ def methods() -> None:
 def tasks() -> None:
     """List the tasks and whether they run offline here."""
     from fedlora.tasks import available_tasks  # noqa: PLC0415
+    from fedlora.tasks.base import offline_status  # noqa: PLC0415
 
+    status = offline_status()
     for name, desc in available_tasks().items():
-        typer.echo(f"{name:22s} {desc}")
+        typer.echo(f"{name:22s} {status[name]:14s} {desc}")
 
 
 from fedlora.flower.cli import flower_app  # noqa: E402  (imports Flower only when a flower command runs)
