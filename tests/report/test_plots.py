@@ -9,7 +9,14 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from fedlora.report.plots import choice_matrix, plot_runs, run_label
+from fedlora.report.plots import (
+    choice_matrix,
+    heatmap,
+    layer_ticks,
+    load_runs,
+    plot_runs,
+    run_label,
+)
 
 runner = CliRunner()
 
@@ -73,3 +80,14 @@ def test_plot_cli(tmp_path: Path) -> None:
     assert (tmp_path / "o" / "accuracy.png").is_file()
     missing = runner.invoke(app, ["plot", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no metrics.jsonl" in missing.output
+
+
+def test_heatmap_rows_are_the_adapted_layers(tmp_path: Path) -> None:
+    # plan_modes has one letter per adapted layer: with adapter.layers [1, 3] its rows are layers 1 and 3
+    run = _run(tmp_path, "as", "as-lora", 3.0, _records(2, plan_modes=lambda r: "AB"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "adapter": {"layers": [3, 1]}}))
+    assert layer_ticks(run, 2) == ["1", "3"]
+    assert layer_ticks(run, 3) == ["0", "1", "2"]  # not the logged shape: plain row numbers
+    assert layer_ticks(tmp_path / "missing", 1) == ["0"]
+    _png(heatmap(load_runs([run]), tmp_path / "h.png", [run]))

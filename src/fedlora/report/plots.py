@@ -47,6 +47,15 @@ def load_runs(run_dirs: list[str | Path]) -> list[tuple[str, list[dict[str, Any]
     return runs
 
 
+def layer_ticks(run_dir: Path, n: int) -> list[str]:
+    """Transformer-layer indices of the ``n`` heatmap rows: the run's ``adapter.layers`` when it
+    lists ``n`` layers (``plan_modes`` has one letter per adapted layer, in order), else 0..n-1."""
+    path = Path(run_dir) / "config.yaml"
+    cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    layers = (cfg.get("adapter") or {}).get("layers")
+    return [str(i) for i in sorted(layers)] if isinstance(layers, list) and len(layers) == n else [str(i) for i in range(n)]
+
+
 def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(m["round"], float(m[key])) for m in metrics if isinstance(m.get(key), int | float) and not isinstance(m.get(key), bool)]
     pts = [(r, v) for r, v in pts if not math.isnan(v)]
@@ -72,6 +81,9 @@ def line_plot(runs: list[tuple[str, list[dict[str, Any]]]], keys: list[tuple[str
         return None
     if log and all(v > 0 for _, m in runs for k, _ in keys for v in _series(m, k)[1]):
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -93,23 +105,26 @@ def choice_matrix(metrics: list[dict[str, Any]]) -> tuple[list[int], list[list[i
     return [r for r, _ in rows], grid
 
 
-def heatmap(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path | None:
-    """Factor trained per layer and round, one panel per run that logs a choice."""
+def heatmap(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, run_dirs: list[Path] | None = None) -> Path | None:
+    """Factor trained per layer and round, one panel per run that logs a choice (rows labelled
+    with the adapted layers' indices when ``run_dirs`` are given)."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap  # noqa: PLC0415
     from matplotlib.patches import Patch  # noqa: PLC0415
 
-    found = [(label, m) for label, metrics in runs if (m := choice_matrix(metrics)) is not None]
+    dirs: list[Path | None] = list(run_dirs) if run_dirs is not None else [None] * len(runs)
+    found = [(label, m, d) for (label, metrics), d in zip(runs, dirs, strict=True) if (m := choice_matrix(metrics)) is not None]
     if not found:
         return None
     colors = ["#4c72b0", "#dd8452", "#55a868", "#dddddd"]
     fig, axes = plt.subplots(len(found), 1, figsize=(7, 1.2 + 1.1 * len(found)), squeeze=False)
-    for ax, (label, (rounds, grid)) in zip(axes[:, 0], found, strict=True):
+    for ax, (label, (rounds, grid), d) in zip(axes[:, 0], found, strict=True):
         ax.imshow(grid, aspect="auto", cmap=ListedColormap(colors), vmin=-0.5, vmax=3.5, interpolation="nearest",
                   extent=(rounds[0] - 0.5, rounds[-1] + 0.5, len(grid) - 0.5, -0.5))
         ax.set_title(label, fontsize=8)
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(grid)))
+        ax.set_yticks(range(len(grid)), layer_ticks(d, len(grid)) if d is not None else [str(i) for i in range(len(grid))])
+        ax.set_xticks(rounds if len(rounds) <= 20 else rounds[:: math.ceil(len(rounds) / 20)])
     axes[-1, 0].set_xlabel("round")
     fig.legend(handles=[Patch(color=c, label=t) for c, t in zip(colors, ["A", "B", "A+B", "none"], strict=True)],
                loc="upper right", fontsize=7, ncol=4)
@@ -129,6 +144,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
         line_plot(runs, [("epsilon", "-")], "epsilon spent (max over clients)", out / "epsilon.png"),
         line_plot(runs, [("aggregation_error", "-")], "relative aggregation error", out / "aggregation_error.png", log=True),
         line_plot(runs, [("sharpness", "-")], "top Hessian eigenvalue", out / "sharpness.png"),
-        heatmap(runs, out / "factor_choices.png"),
+        heatmap(runs, out / "factor_choices.png", [Path(d) for d in run_dirs]),
     ]
     return [p for p in made if p is not None]
