@@ -33,7 +33,7 @@ def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_e
 
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert rounds[0]["clients"] == [0, 1, 2] and rounds[1]["clients"] == [0, 1] and rounds[1]["dropped"] == [2]
+    assert rounds[0]["clients"] == [0, 1, 2] and rounds[1]["clients"] == [0, 1] and rounds[1]["failed_clients"] == [2]
     steps = {row["client"]: row["steps"] for row in rounds[-1]["privacy"]}
     assert steps == {0: 4, 1: 4, 2: 2}  # the ledger counts exactly the steps of answered rounds
     summary = json.loads((run / "summary.json").read_text())

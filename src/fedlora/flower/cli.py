@@ -10,7 +10,7 @@ import typer
 flower_app = typer.Typer(no_args_is_help=True, help="Run an experiment on Flower (needs `pip install fedlora[flower]`).")
 
 MinOpt = Annotated[int | None, typer.Option("--min-clients", help="fewest answering clients a round may finish with "
-                                                                   "(default: all sampled)")]
+                                                                   "(default: federation.min_clients)")]
 
 
 def _config(config: Path | None, set_: list[str] | None):

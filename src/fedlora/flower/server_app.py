@@ -16,16 +16,17 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.errors import BudgetExhausted, FedloraError
+from fedlora.errors import FedloraError
 from fedlora.experiment import summary_line
 from fedlora.federation.client import ClientResult, ClientState
+from fedlora.federation.faults import ClientsFailed
 from fedlora.federation.simulation import Simulation
 from fedlora.flower.messages import config_from_run, from_record, plan_to_config, to_record
 from fedlora.methods.base import RoundPlan, State
 from fedlora.report.rundir import RunDir
 
 
-class TooFewClients(BudgetExhausted):
+class TooFewClients(ClientsFailed):
     """Fewer SuperNodes answered a round than ``min-clients``: the run stops after the last good round."""
 
 
@@ -35,7 +36,6 @@ class FlowerServer(Simulation):
         super().__init__(cfg, run_dir)
         self.grid, self.min_clients, self.round_timeout = grid, min_clients, round_timeout
         self.clients = [ClientState({}, 0) for _ in self.specs]  # step counts only; tensors stay on the nodes
-        self.dropped: list[int] = []
         self.nodes = self.find_nodes(node_wait)  # partition id -> node id
 
     def find_nodes(self, wait: float) -> dict[int, int]:
@@ -81,10 +81,12 @@ class FlowerServer(Simulation):
         reachable = [c for c in sampled if c in self.nodes]
         replies = self.exchange({c: Message(RecordDict(content), self.nodes[c], "train") for c in reachable})
         answered = [c for c in sampled if c in replies]
-        self.dropped = [c for c in sampled if c not in replies]
+        dropped = [c for c in sampled if c not in replies]  # released nothing: no steps on the ledger
+        self.round_faults = {"failed_clients": dropped, "attempts": 1, "client_failures": [
+            {"client": c, "attempt": 0, "steps": 0, "reason": "no answer from its SuperNode"} for c in dropped]}
         if len(answered) < min(self.min_clients, len(sampled)):
             raise TooFewClients(f"stopped in round {plan.round}: only {len(answered)} of {len(sampled)} sampled clients "
-                                f"answered (min-clients {self.min_clients}; lost {self.dropped}); restart the missing "
+                                f"answered (min-clients {self.min_clients}; lost {dropped}); restart the missing "
                                 "SuperNodes or lower min-clients")
         results = []
         for c in answered:  # in client order, as the in-process loop
@@ -95,11 +97,6 @@ class FlowerServer(Simulation):
             results.append(ClientResult(from_record(r.array_records["upload"], self.rt.device), self.clients[c], steps,
                                         float(info["loss"]), int(info["examples"])))
         return answered, results
-
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        record = super().run_round(rnd)
-        record["dropped"] = self.dropped
-        return record
 
     def personal_accuracy(self) -> float:
         """Each node evaluates global + its own local tensors on its test share; the server averages."""
@@ -126,7 +123,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = config_from_run(run_config)
     run_dir = open_run_dir(run_config, cfg)
-    sim = FlowerServer(cfg, grid, run_dir=run_dir, min_clients=int(run_config.get("min-clients", cfg.federation.num_clients)),
+    sim = FlowerServer(cfg, grid, run_dir=run_dir, min_clients=int(run_config.get("min-clients", cfg.federation.min_clients)),
                        round_timeout=float(run_config.get("round-timeout", 600.0)),
                        node_wait=float(run_config.get("node-wait", 120.0)))
     run_dir.write_json("setup.json", {**sim.describe(), "engine": "flower", "nodes": sim.nodes})

@@ -21,7 +21,7 @@ def run_config_for(cfg: ExperimentConfig, run_dir: Path, *, min_clients: int | N
                    round_timeout: float = 600.0, node_wait: float = 120.0) -> dict[str, Any]:
     """fedlora's config as Flower's run config (the YAML text travels; clients need no file)."""
     return {"config-yaml": cfg.to_yaml(), "run-dir": str(run_dir),
-            "min-clients": cfg.federation.num_clients if min_clients is None else min_clients,
+            "min-clients": cfg.federation.min_clients if min_clients is None else min_clients,
             "round-timeout": float(round_timeout), "node-wait": float(node_wait)}
 
 
