@@ -14,7 +14,7 @@ from fedlora.flower.deploy import Deployment, descendants, up
 
 @pytest.mark.slow
 def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_every_process(tiny_cfg):
-    cfg = tiny_cfg(method={"name": "fedsa-lora"}, train={"threads": 1}, privacy={"noise_multiplier": 3.0}, eval={"every": 2},
+    cfg = tiny_cfg(method={"name": "dp-lora"}, train={"threads": 1}, privacy={"noise_multiplier": 3.0}, eval={"every": 2},
                    federation={"num_clients": 3, "rounds": 2, "local_steps": 2, "min_client_size": 20},
                    output={"name": "flower-up"})
     started: dict[str, list[int]] = {"pids": []}
