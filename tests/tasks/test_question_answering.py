@@ -1,0 +1,114 @@
+"""Extractive QA on a small SQuAD-style JSON file the test writes and a tiny random
+BertForQuestionAnswering saved locally: windows with stride, offsets, exact match and F1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora.config import build_config
+from fedlora.experiment import run_experiment
+from fedlora.tasks import build_task
+from fedlora.tasks.qa import f1_score, normalize
+from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, VOCAB
+
+
+@pytest.fixture(scope="module")
+def tiny_qa_model(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-qa")
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertForQuestionAnswering(cfg).save_pretrained(path)
+    return path
+
+
+def make_squad(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        words = list(rng.choice(NEUTRAL, size=12))
+        answer = str(rng.choice(POSITIVE + NEGATIVE))
+        at = int(rng.integers(0, len(words)))
+        words.insert(at, answer)
+        context = " ".join(words)
+        start = len(" ".join(words[:at])) + (1 if at else 0)
+        assert context[start : start + len(answer)] == answer
+        rows.append({"id": str(i), "question": "the story was", "context": context,
+                     "answers": {"text": [answer], "answer_start": [start]}})
+    return rows
+
+
+@pytest.fixture
+def qa_cfg(tiny_qa_model, tmp_path):
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(make_squad(80)), encoding="utf-8")
+
+    def make(**task):
+        return build_config({
+            "task": {"name": "question-answering", "dataset": str(data), "model": str(tiny_qa_model),
+                     "max_length": 16, "doc_stride": 4, **task},
+            "adapter": {"rank": 2, "alpha": 4},
+            "federation": {"num_clients": 2, "rounds": 2, "local_steps": 2, "min_client_size": 5},
+            "train": {"batch_size": 16, "lr": 0.1},
+            "output": {"root": str(tmp_path / "runs")},
+        })
+
+    return make
+
+
+def test_squad_metrics():
+    assert normalize("The  Great, movie!") == "great movie"
+    assert f1_score("great movie", "the great film") == pytest.approx(0.5)
+    assert f1_score("", "") == 1.0 and f1_score("bad", "") == 0.0
+
+
+def test_windows_point_at_the_answer_or_at_cls(qa_cfg):
+    task = build_task(qa_cfg().task, 0)
+    feats = task.train.features
+    assert len(task.train) > 72  # 15-token contexts in 16-token windows: overflow windows exist
+    found = 0
+    for ids, span, off, ex in zip(feats["input_ids"], feats["span"], feats["offsets"], feats["example"], strict=True):
+        assert len(ids) <= 16
+        if span[1] > 0:
+            context = task.train.extra["contexts"][int(ex[0])]
+            assert context[off[span[0]][0] : off[span[1]][1]] == task.train.extra["answers"][int(ex[0])][0]
+            found += 1
+        else:
+            assert span[0] == 0
+    assert found >= 72  # every training example has a window holding its answer
+    assert set(task.train.labels.tolist()) == {0, 1}
+
+
+def test_oracle_logits_give_exact_match_one(qa_cfg):
+    task = build_task(qa_cfg().task, 0)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, **extra):
+            return torch.zeros(*input_ids.shape, 2)
+
+    oracle = Oracle()
+
+    def logits(model, batch):
+        out = torch.full((*batch["input_ids"].shape, 2), -10.0)
+        for r, (a, b) in enumerate(batch["span"].tolist()):
+            out[r, a, 0], out[r, b, 1] = 10.0, 10.0
+        return out
+
+    task._logits = logits  # a model that predicts the gold span of every window
+    metrics = task.evaluate(oracle, task.test, 16, torch.device("cpu"))
+    assert metrics["exact_match"] == 1.0 and metrics["f1"] == 1.0
+    task._logits = lambda model, batch: logits(model, batch).flip(1)  # wrong spans score lower
+    assert task.evaluate(oracle, task.test, 16, torch.device("cpu"))["exact_match"] < 1.0
+
+
+def test_short_dp_run_reports_exact_match_and_f1(qa_cfg):
+    summary = run_experiment(qa_cfg(), progress=False)
+    assert summary["rounds"] == 2 and 0.0 <= summary["final"]["accuracy"] <= 1.0
