@@ -94,7 +94,14 @@ def test_as_lora_warmup_is_floor_tenth_of_rounds_alternating_b_a():
     modes = [plan(ctx(r, rounds=39)).info["modes"] for r in range(1, 4)]  # floor(3.9) = 3 rounds
     assert modes == ["BBB", "AAA", "BBB"]
     assert plan(ctx(4, rounds=39)).info["temperature"] == pytest.approx(0.95)
-    assert plan(ctx(1, rounds=9)).info["temperature"] == pytest.approx(0.95)  # floor(0.9) = 0: no warm-up
+    assert plan(ctx(4, rounds=19)).info["temperature"] == pytest.approx(0.95 ** 2)  # floor(1.9) = 1 -> 2 rounds
+
+
+def test_as_lora_short_runs_warm_up_with_b_then_a_so_both_factors_get_scores():
+    plan = LayerwiseChoice()
+    assert [plan(ctx(r, rounds=4)).info["modes"] for r in (1, 2)] == ["BBB", "AAA"]
+    assert plan(ctx(1, rounds=1)).info["modes"] == "BBB"
+    assert plan(ctx(3, rounds=4)).info["temperature"] == pytest.approx(0.95)
 
 
 def test_as_lora_each_layer_trains_exactly_one_factor_and_sampling_is_seeded():

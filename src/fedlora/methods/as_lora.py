@@ -3,7 +3,7 @@
 Kim, Park, Han, Ahn, arXiv 2605.05769 (https://arxiv.org/abs/2605.05769); ALGORITHMS.md 6.
 Every seam is post-processing of DP outputs plus public constants (no privacy cost).
 
-- Plan: warm-up of floor(0.1 R) rounds, all layers B, A, B, ...; then per layer a seeded draw
+- Plan: warm-up of floor(0.1 R) rounds (at least 2 [interp]), all layers B, A, B, ...; then per layer a seeded draw
   of A with ``p_A = sigmoid(clip(d / T, -30, 30))``, ``d = (S_A - S_B) / (|S_A| + |S_B| + 1e-8)``,
   ``T = max(0.1, 0.95^(r - warmup))`` (one EMA missing: the factor that has one; none: 1/2).
   ``RoundPlan.info["modes"]``: one letter per layer. The head trains every round [interp].
@@ -52,12 +52,18 @@ class LayerwiseChoice:
     t_min: float = 0.1
     gamma: float = 0.95
 
+    def warmup_rounds(self, rounds: int) -> int:
+        """floor(0.1 R), but at least B then A (2 rounds, or R when shorter) [interp]: the
+        reference code with R < 20 draws round 1 at p_A = 1/2 and, once only A has a score,
+        keeps A forever while B stays at its zero start (the adapter never moves)."""
+        return max(math.floor(self.warmup_frac * rounds), min(2, rounds))
+
     def __call__(self, ctx: PlanContext) -> RoundPlan:
         lora = [f for f in ctx.factors if f.role in ("A", "B")]
         if any(f.layer is None for f in lora):
             raise ConfigError("as-lora needs a transformer layer index in every adapted module name (.layer.<i>.)")
         layers = sorted({f.layer for f in lora})
-        warmup = math.floor(self.warmup_frac * ctx.rounds)
+        warmup = self.warmup_rounds(ctx.rounds)
         ema = ctx.memory.get("ema", {})
         if ctx.round <= warmup:
             temp, modes = self.t0, {lay: "B" if ctx.round % 2 == 1 else "A" for lay in layers}
