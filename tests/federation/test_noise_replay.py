@@ -16,7 +16,7 @@ DRAWS = 4
 
 @pytest.fixture
 def sim(tiny_cfg) -> Simulation:
-    return Simulation(tiny_cfg(federation={"rounds": 1}, privacy={"noise_multiplier": 1.0}))
+    return Simulation(tiny_cfg(federation={"rounds": 1}, privacy={"noise_multiplier": 1.0, "epsilon": 50.0}))
 
 
 def test_cross_term_grows_quadratically(sim: Simulation) -> None:
