@@ -56,16 +56,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
     setup_seconds = time.perf_counter() - t0
 
     if progress:
-        from rich.progress import (  # noqa: PLC0415
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from fedlora.report.progress import progress_bar  # noqa: PLC0415
 
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        with progress_bar() as bar:
             task = bar.add_task(f"{cfg.method.name} rounds", total=cfg.federation.rounds, status="", completed=sim.round)
 
             def on_round(m: dict[str, Any]) -> None:

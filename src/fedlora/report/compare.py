@@ -149,17 +149,10 @@ def run_compare(grid: Grid, *, progress: bool = True) -> dict[str, Any]:
     # runtime; the data are shared across adapters, so switching runtimes costs only a model build.
     ordered = sorted(grid.cells, key=lambda c: (c[0].seed, c[0].epsilon or float("inf"), pool.key(c[1])))
     if progress:
-        from rich.progress import (  # noqa: PLC0415
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from fedlora.report.progress import progress_bar  # noqa: PLC0415
 
-        with Progress(TextColumn("[bold]compare"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
-            task = bar.add_task("grid", total=len(ordered), status="")
+        with progress_bar("runs") as bar:
+            task = bar.add_task("compare", total=len(ordered), status="")
             for cell, cfg in ordered:
                 bar.update(task, status=cell.name)
                 s = run_cell(cfg, pool)

@@ -56,6 +56,24 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]: ...
 
 
+class PrefixCachedClassification:
+    """Shared by classification tasks whose batches may carry hidden states cached at layer
+    ``prefix_start`` (the frozen layers below the first adapter run once): model inputs and the
+    per-example cross-entropy."""
+
+    prefix_start: int = 0
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+        if "hidden" in inputs:
+            inputs["start"] = self.prefix_start
+        return inputs
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**self._inputs(batch))
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (batch,)
+
+
 TaskFactory = Callable[..., Task]
 OfflineCheck = Callable[[], str | None]  # None: runs offline here; else what is missing
 _TASKS: dict[str, tuple[TaskFactory, str]] = {}

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlora.tasks.base import ExampleSet, classification_metrics, register_task
+from fedlora.tasks.base import (
+    ExampleSet,
+    PrefixCachedClassification,
+    classification_metrics,
+    register_task,
+)
 from fedlora.tasks.effnet import (
     EFFICIENTNET_LITE0,
     MEAN,
@@ -44,7 +49,7 @@ def _subset(split: tuple[list[np.ndarray], np.ndarray], cap: int | None, seed: i
     return ExampleSet({"pixels": [images[i] for i in idx]}, labels[idx])
 
 
-class ImageClassificationTask:
+class ImageClassificationTask(PrefixCachedClassification):
     name = "image-classification"
 
     def __init__(self, cfg: Any, seed: int) -> None:
@@ -121,16 +126,6 @@ class ImageClassificationTask:
             hidden = torch.from_numpy(np.stack([examples.features["hidden"][i] for i in idx])).to(device)
             return {"hidden": hidden, "labels": labels}
         return {"pixel_values": self.pixels([examples.features["pixels"][i] for i in idx], device), "labels": labels}
-
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
-        if "hidden" in inputs:
-            inputs["start"] = self.prefix_start
-        return inputs
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(**self._inputs(batch))
-        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (batch,)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]:

@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 from fedlora.errors import DataError
-from fedlora.tasks.base import ExampleSet, classification_metrics, register_task
+from fedlora.tasks.base import (
+    ExampleSet,
+    PrefixCachedClassification,
+    classification_metrics,
+    register_task,
+)
 from fedlora.tasks.tables import load_text_table
 
 OFFLINE_MODEL = "minilm"
@@ -114,7 +119,7 @@ def layer_list(encoder: nn.Module) -> nn.ModuleList:
     raise DataError("task.num_layers is not supported for this model architecture; remove it")
 
 
-class TextClassificationTask:
+class TextClassificationTask(PrefixCachedClassification):
     name = "text-classification"
 
     def __init__(self, cfg: Any, seed: int) -> None:
@@ -215,16 +220,6 @@ class TextClassificationTask:
         labels = examples.labels[np.asarray(indices, dtype=np.int64)]
         return {"hidden": torch.from_numpy(hidden).to(device), "attention_mask": torch.from_numpy(mask).to(device),
                 "labels": torch.from_numpy(labels).to(device)}
-
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
-        if "hidden" in inputs:
-            inputs["start"] = self.prefix_start
-        return inputs
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(**self._inputs(batch))
-        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (batch,)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]:
