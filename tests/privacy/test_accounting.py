@@ -79,3 +79,18 @@ PRV_PROPERTY_CASES = 8  # each PRV calibration costs ~1-3 s on 2 cores (8 cases 
 def test_prv_calibration_never_overshoots(q, steps, target, delta):
     sigma = calibrate_noise(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, accountant="prv")
     assert epsilon([(sigma, q, steps)], delta=delta, accountant="prv") <= target
+
+
+@pytest.mark.parametrize("q", [1e-4, 0.01, 0.1, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 10.0])
+def test_vectorised_integer_order_rdp_equals_opacus(q, sigma):
+    import numpy as np
+    from opacus.accountants.analysis import rdp
+
+    from fedlora.privacy.accounting import INTEGER_ORDERS, integer_order_rdp
+
+    ours = integer_order_rdp(q, sigma, INTEGER_ORDERS)
+    ref = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(INTEGER_ORDERS))
+    finite = np.isfinite(ref)
+    assert (np.isfinite(ours) == finite).all()
+    np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-6)

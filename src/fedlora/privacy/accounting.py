@@ -18,6 +18,9 @@ ACCOUNTANTS = ("prv", "rdp")
 # RDP orders: any set gives a valid bound (epsilon is a minimum over orders); this one is
 # dense where the optimum lies for DP-SGD settings and small enough to be fast.
 RDP_ORDERS = tuple([1.25, 1.5, 1.75] + [2 + x / 2 for x in range(0, 37)] + [24, 28, 32, 40, 48, 64, 96, 128, 256])
+# Integer orders only: Opacus evaluates them in closed form, ~50x faster than fractional ones.
+# Used where any valid upper bound will do (the PRV domain, the first calibration bracket).
+INTEGER_ORDERS = tuple(list(range(2, 65)) + [80, 96, 128, 256])
 
 History = tuple[tuple[float, float, int], ...]  # ((noise_multiplier, sample_rate, steps), ...)
 
@@ -27,13 +30,40 @@ def _check(accountant: str) -> None:
         raise ConfigError(f"unknown accountant '{accountant}'; choose one of {', '.join(ACCOUNTANTS)}")
 
 
-def _rdp_epsilon(history: History, delta: float) -> float:
+def integer_order_rdp(q: float, sigma: float, orders: Sequence[int]):
+    """RDP of one Poisson-subsampled Gaussian step at integer orders (Mironov et al. 2019, eq. 3).
+
+    The same binomial sum as Opacus's ``_compute_log_a_for_int_alpha``, evaluated as one
+    vectorised log-sum-exp per order instead of a Python loop (tested equal to Opacus).
+    """
+    import numpy as np  # noqa: PLC0415
+    from scipy.special import gammaln, logsumexp  # noqa: PLC0415
+
+    if q == 0:
+        return np.zeros(len(orders))
+    if sigma == 0:
+        return np.full(len(orders), np.inf)
+    if q == 1:
+        return np.array([a / (2 * sigma**2) for a in orders])
+    a = np.asarray(orders, dtype=np.float64)[:, None]
+    k = np.arange(int(a.max()) + 1, dtype=np.float64)[None, :]
+    with np.errstate(invalid="ignore"):
+        terms = (gammaln(a + 1) - gammaln(k + 1) - gammaln(np.maximum(a - k, 0) + 1)
+                 + k * math.log(q) + (a - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2))
+    terms = np.where(k <= a, terms, -np.inf)  # one row per order: k = 0..alpha
+    return logsumexp(terms, axis=1) / (a[:, 0] - 1)
+
+
+def _rdp_epsilon(history: History, delta: float, orders: tuple[float, ...] = RDP_ORDERS) -> float:
     from opacus.accountants.analysis import rdp  # noqa: PLC0415
 
-    total = sum(rdp.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=list(RDP_ORDERS)) for s, q, n in history)
+    if orders == INTEGER_ORDERS:
+        total = sum(n * integer_order_rdp(q, s, orders) for s, q, n in history)
+    else:
+        total = sum(rdp.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=list(orders)) for s, q, n in history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eps, _ = rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+        eps, _ = rdp.get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
     return float(eps)
 
 
@@ -43,7 +73,8 @@ def _prv_accountant():
     Opacus sizes the PRV discretisation domain from an RDP epsilon computed over ~150
     fractional orders, which is 90% of its run time. Any RDP order set gives an upper bound
     on that epsilon, so a smaller set yields a domain at least as large: the same guarantee
-    (Gopi et al., remark 5.6), computed about 5x faster. Everything else is Opacus's.
+    (Gopi et al., remark 5.6). Integer orders only, which Opacus evaluates in closed form,
+    make it about 50x faster. Everything else is Opacus's.
     """
     import numpy as np  # noqa: PLC0415
     from opacus.accountants import PRVAccountant  # noqa: PLC0415
@@ -53,9 +84,10 @@ def _prv_accountant():
         def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error):  # type: ignore[override]
             total = sum(num_self_compositions)
             hist = tuple((p.noise_multiplier, p.sample_rate, n) for p, n in zip(prvs, num_self_compositions, strict=True))
-            big = _rdp_epsilon(hist, delta_error / 4)
+            big = _rdp_epsilon(hist, delta_error / 4, INTEGER_ORDERS)
             for p in prvs:
-                big = max(big, _rdp_epsilon(((p.noise_multiplier, p.sample_rate, 1),), delta_error / (8 * total)))
+                one = ((p.noise_multiplier, p.sample_rate, 1),)
+                big = max(big, _rdp_epsilon(one, delta_error / (8 * total), INTEGER_ORDERS))
             size = max(big, eps_error) + 3
             mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
             return Domain.create_aligned(-size, size, mesh)
@@ -114,16 +146,22 @@ def calibrate_noise(
             "raise epsilon or use fewer rounds/steps"
         )
 
-    # 1. RDP (cheap) brackets the answer from above: RDP's epsilon bounds PRV's.
+    # 1. RDP (cheap) brackets the answer from above: RDP's epsilon bounds PRV's. For PRV the
+    #    integer orders suffice (a looser RDP bound is still an upper bound, and fast).
+    def rdp_eps(sigma: float) -> float:
+        if accountant == "rdp":
+            return eps(sigma)
+        return _rdp_epsilon(((sigma, sample_rate, steps),), target_delta, INTEGER_ORDERS)
+
     hi = 1.0
-    while eps(hi, "rdp") > target_epsilon:
+    while rdp_eps(hi) > target_epsilon:
         hi *= 2.0
         if hi > 1e4:
             raise impossible()
-    lo = _lower_end(lambda s: eps(s, "rdp"), hi, target_epsilon)
+    lo = _lower_end(rdp_eps, hi, target_epsilon)
     if lo is None:
         return hi
-    lo, hi = _bisect(lambda s: eps(s, "rdp"), lo, hi, target_epsilon, rel_tol if accountant == "rdp" else 0.01)
+    lo, hi = _bisect(rdp_eps, lo, hi, target_epsilon, rel_tol if accountant == "rdp" else 0.01)
     if accountant == "rdp":
         return hi
     # 2. Refine with the accountant itself, keeping eps(hi) <= target < eps(lo).
