@@ -25,6 +25,8 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
         privacy = f"guarantees: {sim.guarantees(result.rounds_done)}"
     else:
         privacy = "no DP"
+    if sim.method.reads_private_data:
+        privacy += f"; NOT covered by the DP guarantee: {sim.method.reads_private_data}"
     line = (f"{sim.method.name}: accuracy {acc:.4f} (majority class {desc['majority_rate']:.4f}) after "
             f"{result.rounds_done} rounds, {privacy}, {result.seconds:.0f} s")
     if result.stop_reason:
@@ -44,7 +46,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         sim = Simulation(cfg, runtime=runtime)  # data and model load before anything is written
         run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
         sim.run_dir = run_dir
-        run_dir.write_config(cfg.to_yaml())
+        not_covered = f"# NOT covered by the DP guarantee: {sim.method.reads_private_data}\n"
+        run_dir.write_config((not_covered if sim.method.reads_private_data else "") + cfg.to_yaml())
         run_dir.write_json("setup.json", sim.describe())
     else:
         from fedlora.resume import reopen  # noqa: PLC0415
@@ -82,6 +85,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         "stop_reason": result.stop_reason,
         "final": {k: v for k, v in result.final.items() if k != "privacy"},
         "privacy": sim.ledger(),
+        "not_covered_by_dp": sim.method.reads_private_data or None,
         "majority_rate": sim.describe()["majority_rate"],
         "seconds": {"setup": setup_seconds, "train": result.seconds, "total": time.perf_counter() - t0},
     }

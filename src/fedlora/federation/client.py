@@ -126,6 +126,8 @@ def run_client(
         optimizer.zero_grad(set_to_none=True)  # inactive tensors keep grad=None: no state advance
         for k, g in grads.items():
             adapted.params[k].grad = g
+        if method.reads_private_data and step == local_steps - 1:  # NOT covered by DP (private_probe.py)
+            probe_point = (spec.indices[rows], adapted.state(active))
         optimizer.step()
         last, examples = grads, examples + len(rows)
         if not np.isnan(loss):
@@ -133,7 +135,11 @@ def run_client(
     adapted.set_active(set(adapted.params))
     after = adapted.state(sorted(plan.trainable))
     noise_std = spec.dp.noise_multiplier * spec.dp.clip_norm / spec.dp.expected_batch_size if spec.dp else 0.0
-    trace = ClientTrace(last, noise_std, local_steps)
+    trace = ClientTrace(last, noise_std, local_steps, rt.cfg.train.lr)
+    if method.reads_private_data:
+        from fedlora.federation.private_probe import loss_probe  # noqa: PLC0415
+
+        trace.probe = loss_probe(rt, *probe_point)
     upload = method.upload(plan, before, after, trace)
     local = {**state.local, **{k: after[k] for k in state.local if k in after}}
     new_state = ClientState(local, state.dp_steps + (local_steps if spec.dp else 0))

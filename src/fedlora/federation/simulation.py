@@ -166,7 +166,10 @@ class Simulation:
             held.append(f"sample-level (epsilon <= {dp.epsilon:g} per client, delta {dp.delta:g}, {dp.accountant})")
         if self.user_dp is not None:
             held.append(f"user-level (epsilon {self.user_dp.epsilon(rounds):.3g} for all of a client's data, delta {dp.delta:g}, rdp)")
-        return " and ".join(held) if held else "none (no DP)"
+        text = " and ".join(held) if held else "none (no DP)"
+        if self.method.reads_private_data:  # e.g. as-lora curvature=finite-difference
+            text += f"; NOT covered by the DP guarantee: {self.method.reads_private_data}"
+        return text
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method.name, "clients": [len(p) for p in self.parts],

@@ -14,8 +14,9 @@ Every seam is post-processing of DP outputs plus public constants (no privacy co
 - Curvature (option ``curvature``): ``off`` (default) or ``secant`` [interp, ALGORITHMS.md 6.2b]
   in the last ``curvature_rounds`` (10) rounds: for an SGD step ``-eta g_{T-1}``,
   ``eta kappa = -<g_T - g_{T-1}, g_{T-1}> / ||g_{T-1}||^2`` (noise-debiased) and the score is
-  ``e (1 - eta kappa / 2)``, floored at 0. Finite differences (re-reading the private batch
-  outside DP, as the reference code does) are not implemented.
+  ``e (1 - eta kappa / 2)``, floored at 0; or ``finite-difference`` (the reference code's: it
+  re-reads the private batch outside DP, so it needs ``allow_non_private_curvature: true`` and
+  the run is marked NOT covered by the DP guarantee; ``as_lora_curvature.py``).
 - Aggregate: weighted mean of the parameters; each score's uniform mean over the clients that
   sent it updates the server's EMA (beta 0.9) of that layer's active factor only.
 """
@@ -30,6 +31,7 @@ import torch
 
 from fedlora.errors import ConfigError
 from fedlora.federation.seeds import derive_seed, generator
+from fedlora.methods.as_lora_curvature import NOT_COVERED, curvature_option, finite_difference_score
 from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
 from fedlora.methods.registry import MethodSetup, register_method
@@ -105,6 +107,7 @@ class SendWithScores:
     rounds: int
     history: dict[str, State] | None = None  # set for curvature=secant
     curvature_rounds: int = 10
+    fd_eps: float | None = None  # set for curvature=finite-difference (NOT covered by DP)
     _proj: dict[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
     def projection(self, name: str, size: int, device: torch.device) -> torch.Tensor:
@@ -113,23 +116,31 @@ class SendWithScores:
             self._proj[name] = torch.randn(size, size, generator=g) / math.sqrt(size)  # (size, size)
         return self._proj[name].to(device)
 
-    def energy(self, name: str, role: str, g: torch.Tensor, noise_std: float) -> float:
+    def projected(self, name: str, role: str, g: torch.Tensor) -> torch.Tensor:
         if role == "A":  # (r, k) @ (k, k)
-            proj = g @ self.projection(name, g.shape[1], g.device)
-        else:  # (d, d) @ (d, r)
-            proj = self.projection(name, g.shape[0], g.device) @ g
+            return g @ self.projection(name, g.shape[1], g.device)
+        return self.projection(name, g.shape[0], g.device) @ g  # (d, d) @ (d, r)
+
+    def energy(self, name: str, role: str, g: torch.Tensor, noise_std: float) -> float:
+        proj = self.projected(name, role, g)
         return max(float(proj.pow(2).sum()) - g.numel() * noise_std**2, 0.0)
 
     def __call__(self, plan: RoundPlan, before: State, after: State, trace: ClientTrace) -> State:
         up = SendTrained()(plan, before, after, trace)
-        curved = self.history is not None and plan.round > self.rounds - self.curvature_rounds
+        late = plan.round > self.rounds - self.curvature_rounds
+        curved, fd = self.history is not None and late, self.fd_eps is not None and late
+        base_loss = trace.probe({}) if fd and trace.probe is not None else 0.0
         for group, names in sorted(plan.groups.items()):
             role, score = group.split("/")[1], 0.0
             for k in sorted(n for n in names if n in trace.last_grads):
                 g = trace.last_grads[k]
                 e = self.energy(k, role, g, trace.noise_std)
                 prev = self.history.get("prev", {}).get(k) if curved and self.history is not None else None
-                score += e * secant_factor(prev, g, trace.noise_std) if prev is not None else e
+                if fd and self.fd_eps is not None:
+                    proj = self.projected(k, role, g)
+                    score += finite_difference_score(e, proj, k, trace, self.fd_eps, base_loss)
+                else:
+                    score += e * secant_factor(prev, g, trace.noise_std) if prev is not None else e
             up[f"{SCORE}{group}"] = torch.tensor(score, dtype=torch.float32)
         return up
 
@@ -150,13 +161,14 @@ class MeanAndScoreEMA:
 
 @register_method("as-lora", "per-layer, per-round choice of A or B from debiased noisy-gradient energy")
 def as_lora(setup: MethodSetup) -> Method:
-    curvature = setup.option("curvature", "off")
-    if curvature not in ("off", "secant"):
-        raise ConfigError(f"as-lora option 'curvature' must be 'off' or 'secant' (finite-difference is not "
-                          f"implemented: it re-reads private data outside DP), got {curvature!r}")
+    curvature = curvature_option(setup)
     schedule = RecordLastTwo() if curvature == "secant" else Joint()
     history = schedule.history if isinstance(schedule, RecordLastTwo) else None
-    upload = SendWithScores(setup.seed, setup.rounds, history, int(setup.option("curvature_rounds", 10)))
+    fd_eps = float(setup.option("fd_eps", 1e-3))
+    if not fd_eps > 0:
+        raise ConfigError(f"as-lora option 'fd_eps' must be > 0, got {fd_eps}")
+    upload = SendWithScores(setup.seed, setup.rounds, history, int(setup.option("curvature_rounds", 10)),
+                            fd_eps if curvature == "finite-difference" else None)
     return Method(
         name="as-lora",
         plan=LayerwiseChoice(),
@@ -167,4 +179,5 @@ def as_lora(setup: MethodSetup) -> Method:
         exact=True,
         side_uploads=(SCORE,),
         info={"curvature": curvature},
+        reads_private_data=NOT_COVERED if curvature == "finite-difference" else "",
     )

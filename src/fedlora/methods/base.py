@@ -6,6 +6,7 @@ The round loop (``fedlora.federation``) is written once against these interfaces
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +52,11 @@ class ClientTrace:
     last_grads: dict[str, torch.Tensor]  # privatised gradient of the last step, per active tensor
     noise_std: float  # per-coordinate std of the noise in last_grads (sigma*C/B_exp; 0 without DP)
     steps: int
+    lr: float = 0.0  # the local optimizer's learning rate (public)
+    # NOT post-processing: mean loss on the last step's private batch, at the point where the last
+    # gradient was taken, with the given tensors moved by the given offsets (eval mode, no grad).
+    # Only set for a method with ``reads_private_data`` (runs marked as not covered by DP).
+    probe: Callable[[dict[str, torch.Tensor]], float] | None = None
 
 
 class Plan(Protocol):
@@ -86,3 +92,4 @@ class Method:
     shares_base: bool = False  # the global state also holds the frozen base weights W0 of adapted modules
     side_uploads: tuple[str, ...] = ()  # key prefixes of uploaded values that are not model tensors (AS-LoRA's scores)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the saved config / summary
+    reads_private_data: str = ""  # non-empty: why the run is NOT covered by the DP guarantee (gets ClientTrace.probe)
