@@ -200,11 +200,19 @@ def plot(
 
 @app.command()
 def methods() -> None:
-    """List the registered methods."""
-    from fedlora.methods import available_methods  # noqa: PLC0415
+    """List the registered methods: their four seams (plan, schedule, upload, aggregate) and paper.
 
-    for name, desc in available_methods().items():
-        typer.echo(f"{name:14s} {desc}")
+    Composed methods: a registered method with seams replaced by name, e.g. `fedlora run -s method.name=la-lora -s method.aggregate=fedex` (config: `method: {name: la-lora, aggregate: fedex}`), named `la-lora+aggregate=fedex` in the outputs; an invalid combination is refused in one line. The seam names are listed at the end of the output.
+    """
+    from fedlora.methods.catalog import catalog, seam_names  # noqa: PLC0415
+
+    for e in catalog():
+        typer.echo(f"{e.name:14s} {e.description}")
+        typer.echo(f"{'':14s} seams: {' '.join(f'{k}={v}' for k, v in e.seams.items())}")
+        typer.echo(f"{'':14s} paper: {e.paper}")
+    typer.echo("\ncompose: -s method.name=NAME -s method.<seam>=SEAM_NAME; seam names:")
+    for kind, names in seam_names().items():
+        typer.echo(f"  {kind:10s} {', '.join(names)}")
 
 
 @app.command()

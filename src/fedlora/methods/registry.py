@@ -58,6 +58,11 @@ def available_methods() -> dict[str, str]:
     return {n: d for n, (_, d) in sorted(_METHODS.items())}
 
 
+def method_module(name: str) -> str:
+    """The module that registered ``name`` (its docstring cites the paper)."""
+    return _METHODS[name][0].__module__
+
+
 def build_method(name: str, setup: MethodSetup) -> Method:
     if name not in _METHODS:
         close = difflib.get_close_matches(name, list(_METHODS), n=1)
