@@ -1,4 +1,5 @@
-"""`fedlora flower up` on 127.0.0.1: TLS, SuperNode authentication, a node killed mid-run, clean stop."""
+"""`fedlora flower up` on 127.0.0.1: TLS, SuperNode authentication, a node killed mid-run, clean stop,
+and parity with the in-process engine (the same fault replayed in-process gives the same adapter, bit for bit)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedlora.federation.checkpoint import load_checkpoint
+from fedlora.federation.simulation import Simulation
 from fedlora.flower.certs import make_node_key
 from fedlora.flower.deploy import Deployment, descendants, up
 
@@ -46,10 +50,29 @@ def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_e
     assert "No SuperNode found with the given public key" in link  # refused by SuperNode authentication
     assert "running on https://127.0.0.1" in link  # TLS on
 
+    # parity: the in-process engine with the same config and seed, client 2 lost in round 2 as above
+    reference, states = WithoutClient2InRound2(cfg), []
+    reference.run(on_round=lambda _: states.append({k: v.detach().cpu().clone() for k, v in reference.global_state.items()}))
+    for rnd, ref in enumerate(states, start=1):
+        flower = load_checkpoint(run / "checkpoints" / f"round_{rnd}")["global_state"]
+        assert set(flower) == set(ref)
+        for k, v in ref.items():
+            assert torch.equal(flower[k], v), (rnd, k)  # bit for bit
+    for ours, ref in zip(rounds, reference.metrics, strict=True):
+        for key in ("clients", "train_loss", "accuracy", "epsilon", "bytes_up"):
+            assert ours.get(key) == ref.get(key), key
+
     deadline = time.monotonic() + 20  # every process the command started is gone (killed ones may await reaping)
     while [p for p in started["pids"] if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [p for p in started["pids"] if alive(p)]
+
+
+class WithoutClient2InRound2(Simulation):
+    """The in-process engine with the deployment's fault: client 2 does not answer in round 2."""
+
+    def train_clients(self, plan, download, sampled):
+        return super().train_clients(plan, download, [c for c in sampled if not (plan.round == 2 and c == 2)])
 
 
 def alive(pid: int) -> bool:

@@ -1,47 +1,69 @@
 """The ClientApp: one fedlora client per SuperNode, its partition id from the node config.
 
-Each message builds (or reuses, within one process) the node's view of the run from the run
-config: the task, the adapted model, the partition and its ClientSpec. The client's kept state
-is read from and written back to the node-local ``Context.state``; only the upload and three
-scalars (loss, examples, steps) go back to the server.
+Each message is answered by :func:`fedlora.flower.node.handle` from the message content, the
+node-local ``Context.state`` (the client's kept state, updated in place), the run config and
+the node config; only the upload and three scalars (loss, examples, steps) go back to the server.
+
+Where the SuperNode was started with a node worker (``fedlora flower up`` does this; the
+environment variable :data:`~fedlora.flower.node.WORKER_ENV` names it), the ClientApp process
+hands the message to that long-running worker, which has torch imported and the model built
+already; this module imports neither. Without a worker (Flower simulation, SuperNodes started
+by hand) the ClientApp computes in its own process.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from multiprocessing.connection import Client
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import ConfigError
-from fedlora.federation.client import run_client
-from fedlora.federation.simulation import Simulation
-from fedlora.flower.messages import (
-    config_from_run,
-    from_record,
-    load_client_state,
-    plan_from_config,
-    save_client_state,
-    to_record,
-)
-
-_NODES: dict[str, Simulation] = {}  # one per config text and process (no client state in it)
+from fedlora.flower.node import WORKER_ENV, WORKER_KEY_ENV
 
 
-def node_view(context: Context, defaults: dict[str, Any]) -> tuple[Simulation, int]:
-    """This node's task, model, method and specs, and its partition id."""
+class NodeWorkerError(RuntimeError):
+    """The node worker raised while answering (Flower turns it into an error reply)."""
+
+
+def ask_worker(address: str, kind: str, content: RecordDict, state: RecordDict, run_config: dict[str, Any],
+               node_config: dict[str, Any]) -> tuple[RecordDict, RecordDict]:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + 60  # a worker just started may not listen yet
+    while True:
+        try:
+            conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[WORKER_KEY_ENV]))
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with conn:
+        conn.send((kind, content, state, run_config, node_config))
+        reply = conn.recv()
+    if reply[0] != "ok":
+        raise NodeWorkerError(reply[1])
+    return reply[1], reply[2]
+
+
+def answer(kind: str, msg: Message, context: Context, defaults: dict[str, Any]) -> Message:
     run_config = {**defaults, **context.run_config}
-    text = str(run_config.get("config-yaml", ""))
-    if text not in _NODES:
-        _NODES.clear()
-        _NODES[text] = Simulation(config_from_run(run_config))
-    sim = _NODES[text]
-    if "partition-id" not in context.node_config:
-        raise ConfigError("SuperNode has no partition-id; start it with --node-config 'partition-id=<k>'")
-    pid = int(context.node_config["partition-id"])
-    if not 0 <= pid < len(sim.specs):
-        raise ConfigError(f"partition-id {pid} is outside 0..{len(sim.specs) - 1}; fix the SuperNode's --node-config")
-    return sim, pid
+    node_config = dict(context.node_config)
+    address = os.environ.get(WORKER_ENV)
+    if address:
+        content, state = ask_worker(address, kind, msg.content, context.state, run_config, node_config)
+        for key in list(context.state):
+            if key not in state:
+                del context.state[key]
+        for key, record in state.items():
+            context.state[key] = record
+    else:
+        from fedlora.flower.node import handle  # noqa: PLC0415
+
+        content = handle(kind, msg.content, context.state, run_config, node_config)
+    return Message(content, reply_to=msg)
 
 
 def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
@@ -53,32 +75,16 @@ def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Tell the server which partition this node holds."""
-        _, pid = node_view(context, defaults)
-        return Message(RecordDict({"node": MetricRecord({"partition-id": pid})}), reply_to=msg)
+        return answer("query", msg, context, defaults)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        sim, pid = node_view(context, defaults)
-        plan = plan_from_config(msg.content.config_records["plan"])
-        download = from_record(msg.content.array_records["download"], sim.rt.device)
-        state = load_client_state(context, sim.init_local)
-        res = run_client(sim.rt, sim.method, plan, download, sim.specs[pid], state,
-                         local_steps=sim.cfg.federation.local_steps, seed=sim.cfg.train.seed)
-        save_client_state(context, res.state)
-        result = MetricRecord({"loss": res.loss, "examples": res.examples, "steps": res.steps})
-        return Message(RecordDict({"upload": to_record(res.upload), "result": result}), reply_to=msg)
+        return answer("train", msg, context, defaults)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Personalised accuracy: the global state plus this node's local tensors on its test share."""
-        sim, pid = node_view(context, defaults)
-        state = load_client_state(context, sim.init_local)
-        share = sim.shares[pid] if sim.shares else []
-        acc = 0.0
-        if len(share):
-            global_state = from_record(msg.content.array_records["global"], sim.rt.device)
-            acc = sim.rt.evaluate({**global_state, **state.local}, sim.rt.task.test.subset(share))["accuracy"]
-        return Message(RecordDict({"eval": MetricRecord({"accuracy": float(acc), "examples": len(share)})}), reply_to=msg)
+        return answer("evaluate", msg, context, defaults)
 
     return app
 

@@ -4,11 +4,17 @@ Everything Flower writes lives under ``<run dir>/flower`` (FLWR_HOME, certificat
 the app folder). TLS uses certificates made for the run; SuperNode authentication is on and only
 the keys made for the run's N SuperNodes are registered. Every process is started in its own
 process group and stopped by its PID's group (SIGTERM, then SIGKILL), also when the run fails.
+
+Next to each SuperNode runs a node worker (``python -m fedlora.flower.node``, see ``node.py``):
+it builds the node's task and model while the federation starts and answers every message of
+its node, so the per-message ClientApp processes Flower starts need not import torch or rebuild
+the model. ``node_workers=False`` runs without them (each ClientApp process builds everything).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,6 +28,7 @@ import tomli_w
 from fedlora.config import ExperimentConfig
 from fedlora.errors import FedloraError
 from fedlora.flower.certs import make_node_key, make_tls
+from fedlora.flower.node import WORKER_ENV, WORKER_KEY_ENV
 from fedlora.flower.simulate import run_config_for
 from fedlora.report.rundir import RunDir
 
@@ -76,11 +83,13 @@ class Deployment:
         self.tls = make_tls(work / "certs")
         self.keys = [make_node_key(work / "keys", f"node{k}") for k in range(num_nodes)]
         self.link_port = free_port()
+        self.workers: dict[int, str] = {}  # partition id -> its node worker's address
+        self.worker_key = secrets.token_hex(32)
 
     # ------------------------------------------------------------------ processes
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.work,
                                 start_new_session=True)  # its own process group: pgid == pid
         log.close()
         self.procs[name] = proc
@@ -132,11 +141,19 @@ class Deployment:
     def register(self, public_key: Path) -> None:
         self.flwr("supernode", "register", str(public_key), "fedlora")
 
+    def start_worker(self, k: int, config_yaml: Path) -> None:
+        """Partition ``k``'s node worker; it builds the node's view of ``config_yaml`` right away."""
+        port = free_port()
+        self.start(f"worker{k}", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml)],
+                   env={**self.env, WORKER_KEY_ENV: self.worker_key})
+        self.workers[k] = f"127.0.0.1:{port}"
+
     def start_supernode(self, k: int, private_key: Path, name: str | None = None) -> subprocess.Popen:
+        env = {**self.env, WORKER_ENV: self.workers[k], WORKER_KEY_ENV: self.worker_key} if k in self.workers else None
         return self.start(name or f"supernode{k}", [
             _bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}", "--root-certificates", str(self.tls["ca"]),
             "--auth-supernode-private-key", str(private_key), "--node-config", f"partition-id={k} num-partitions={self.num_nodes}",
-            "--port", str(free_port()), "--max-retries", "5"])
+            "--port", str(free_port()), "--max-retries", "5"], env=env)
 
     def wait_for(self, ok, seconds: float, message: str) -> None:
         deadline = time.monotonic() + seconds
@@ -189,14 +206,19 @@ def _signal(pid: int, sig: int, *, group: bool = False) -> None:
 
 
 def up(cfg: ExperimentConfig, *, min_clients: int | None = None, round_timeout: float = 600.0,
-       timeout: float = 3600.0, watch: Callable[[Deployment], None] | None = None) -> Path:
-    """Start a SuperLink and one SuperNode per client, run ``cfg``, stop everything; returns the run directory.
+       timeout: float = 3600.0, watch: Callable[[Deployment], None] | None = None, node_workers: bool = True) -> Path:
+    """Start a SuperLink and one SuperNode per client (each with a node worker unless ``node_workers`` is
+    False), run ``cfg``, stop everything; returns the run directory.
     ``watch(deployment)`` runs about once a second during the run (tests use it to add or kill nodes)."""
     RunDir.check_free(cfg.output.root, cfg.output.name)
     run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
     run_dir.write_config(cfg.to_yaml())
     n = cfg.federation.num_clients
     with Deployment(run_dir.path / "flower", n) as dep:
+        if node_workers:
+            (dep.work / "node-config.yaml").write_text(cfg.to_yaml())
+            for k in range(n):
+                dep.start_worker(k, dep.work / "node-config.yaml")
         dep.start_superlink()
         for k, (private, public) in enumerate(dep.keys):
             dep.register(public)

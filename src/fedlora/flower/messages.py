@@ -1,7 +1,8 @@
 """What travels in a message: global arrays down, uploads up, the round plan as JSON. Nothing else.
 
 A client's kept state (FedSA's B and local head, its DP step count) lives in the node's
-``Context.state`` under :data:`STATE_KEY` and is never put into a message.
+``Context.state`` under :data:`STATE_KEY` and is never put into a message. (Imports torch: the
+ClientApp process itself does not import this module, see ``node.py``.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.config import ExperimentConfig, build_config
 from fedlora.federation.client import ClientState
@@ -57,15 +58,15 @@ def config_from_run(run_config: dict[str, Any]) -> ExperimentConfig:
     return build_config(yaml.safe_load(str(text)))
 
 
-def load_client_state(context: Context, init_local: State) -> ClientState:
-    """The node's kept state, or the initial one on its first round."""
-    if STATE_KEY not in context.state:
+def load_client_state(state: RecordDict, init_local: State) -> ClientState:
+    """The node's kept state (its ``Context.state``), or the initial one on its first round."""
+    if STATE_KEY not in state:
         return ClientState({k: v.clone() for k, v in init_local.items()})
-    local = from_record(context.state[STATE_KEY])
-    steps = int(context.state[STATE_KEY + ".steps"]["dp_steps"])
+    local = from_record(state[STATE_KEY])
+    steps = int(state[STATE_KEY + ".steps"]["dp_steps"])
     return ClientState({k: v.to(init_local[k].device) for k, v in local.items()}, steps)
 
 
-def save_client_state(context: Context, state: ClientState) -> None:
-    context.state[STATE_KEY] = to_record(state.local)
-    context.state[STATE_KEY + ".steps"] = ConfigRecord({"dp_steps": state.dp_steps})
+def save_client_state(state: RecordDict, client: ClientState) -> None:
+    state[STATE_KEY] = to_record(client.local)
+    state[STATE_KEY + ".steps"] = ConfigRecord({"dp_steps": client.dp_steps})
