@@ -96,6 +96,17 @@ class FederationConfig(_Section):
     retries: int = Field(0, ge=0, description="re-runs of a round's failed clients when too few succeeded")
     client_timeout_s: float | None = Field(None, gt=0, description="drop a client whose round takes longer")
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    batched_clients: int | Literal["auto"] = Field(
+        0, description="clients trained together in one pass over the shared backbone: 0 (off, one after another), "
+        "K (refused if the run cannot batch), or 'auto' (K from free memory; falls back to 0 when it cannot batch); "
+        "see federation/batched.py"
+    )
+
+    @model_validator(mode="after")
+    def _batched(self) -> FederationConfig:
+        if self.batched_clients != "auto" and self.batched_clients < 0:
+            raise ValueError(f"federation.batched_clients must be 0, a positive K or 'auto' (got {self.batched_clients})")
+        return self
 
 
 class UserLevelConfig(_Section):

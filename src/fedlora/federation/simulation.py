@@ -17,6 +17,7 @@ import torch
 
 from fedlora.config import ExperimentConfig
 from fedlora.errors import BudgetExhausted, ConfigError
+from fedlora.federation.batched import engine_k, train_batched
 from fedlora.federation.client import ClientResult, ClientSpec, ClientState
 from fedlora.federation.diagnostics import round_diagnostics
 from fedlora.federation.faults import ClientsFailed, run_clients
@@ -143,6 +144,7 @@ class Simulation:
         self.shares = split_test_set(self.rt.task.test.labels, self.histograms, cfg.train.seed) if self.local_keys else []
         self.memory: dict[str, Any] = {}
         self.round_faults: dict[str, Any] = {}  # the last round's failed clients (federation/faults.py)
+        self.batched_k = engine_k(self)  # clients per pass, 0: one after another (federation/batched.py)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
 
@@ -245,6 +247,9 @@ class Simulation:
         """Run the sampled clients; returns the clients that answered and their results (a client
         that raises, times out or uploads non-finite values is dropped, the round retried or stopped:
         federation/faults.py). The Flower server (fedlora.flower) replaces this with messages to SuperNodes."""
+        if self.batched_k:
+            answered, results, self.round_faults = train_batched(self, plan, download, sampled, self.batched_k)
+            return answered, results
         answered, results, self.round_faults = run_clients(self, plan, download, sampled, plan.round)
         return answered, results
 
