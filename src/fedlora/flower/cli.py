@@ -39,6 +39,8 @@ def up(
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. -s federation.rounds=5")] = None,
     min_clients: MinOpt = None,
     round_timeout: Annotated[float, typer.Option(help="seconds a round waits for its clients")] = 600.0,
+    node_workers: Annotated[bool, typer.Option(help="a long-running worker per SuperNode keeps the model built "
+                                                    "between messages (off: every message rebuilds it)")] = True,
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, SuperNode authentication),
     run the experiment, stop every process; writes the usual run directory."""
@@ -48,7 +50,8 @@ def up(
     def go() -> None:
         from fedlora.flower.deploy import up as deploy_up  # noqa: PLC0415
 
-        _summary(deploy_up(_config(config, set_), min_clients=min_clients, round_timeout=round_timeout))
+        _summary(deploy_up(_config(config, set_), min_clients=min_clients, round_timeout=round_timeout,
+                           node_workers=node_workers))
 
     go()
 
