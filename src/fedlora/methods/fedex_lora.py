@@ -18,7 +18,7 @@ import torch
 
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
-from fedlora.methods.lowrank import lora_modules, stack
+from fedlora.methods.lowrank import lora_modules, matrix, stack
 from fedlora.methods.registry import MethodSetup, register_method
 from fedlora.methods.seams import Joint, SendTrained, TrainRoles, weighted_mean
 
@@ -31,7 +31,8 @@ class FoldResidual:
         out = {**global_state, **weighted_mean(uploads, weights)}
         for a, b, w0 in lora_modules(ctx.factors):
             bs, as_ = stack([u[b] for u in uploads], [u[a] for u in uploads], weights)
-            residual = bs @ as_ - out[b].to(torch.float64) @ out[a].to(torch.float64)  # (d, k)
+            residual = bs @ as_ - matrix(out[b]).to(torch.float64) @ matrix(out[a]).to(torch.float64)  # (d, k)
+            residual = residual.reshape(global_state[w0].shape)  # (d, k, 1, 1) for a 1x1 conv
             out[w0] = (global_state[w0].to(torch.float64) + self.scale * residual).to(global_state[w0].dtype)
         return out
 

@@ -17,7 +17,7 @@ import torch
 
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
-from fedlora.methods.lowrank import lora_modules, product_svd
+from fedlora.methods.lowrank import lora_modules, matrix, product_svd
 from fedlora.methods.registry import MethodSetup, register_method
 from fedlora.methods.seams import Joint, SendTrained, TrainRoles, weighted_mean
 
@@ -37,8 +37,9 @@ class AverageBThenSVD:
     def __call__(self, ctx: PlanContext, plan: RoundPlan, global_state: State, uploads: list[State], weights: list[float]) -> State:
         out = {**global_state, **weighted_mean(uploads, weights)}  # B (and the head) averaged
         for a, b, _ in lora_modules(ctx.factors):
-            a_new, b_new = refactorize(out[b], global_state[a])
-            out[a], out[b] = a_new.to(global_state[a].dtype), b_new.to(global_state[b].dtype)
+            a_new, b_new = refactorize(matrix(out[b]), matrix(global_state[a]))  # 1x1 convs as matrices
+            out[a] = a_new.reshape(global_state[a].shape).to(global_state[a].dtype)
+            out[b] = b_new.reshape(global_state[b].shape).to(global_state[b].dtype)
         return out
 
 

@@ -43,7 +43,8 @@ class MergeAndReinit:
         out = {**global_state, **weighted_mean(rest, weights)}
         for a, b, w0 in modules:
             bs, as_ = stack([u[b] for u in uploads], [u[a] for u in uploads], weights)  # (d, K r), (K r, k)
-            out[w0] = (global_state[w0].to(torch.float64) + self.scale * bs @ as_).to(global_state[w0].dtype)
+            merged = (bs @ as_).reshape(global_state[w0].shape)  # (d, k, 1, 1) for a 1x1 conv
+            out[w0] = (global_state[w0].to(torch.float64) + self.scale * merged).to(global_state[w0].dtype)
             out[a] = kaiming_a(global_state[a], self.seed, "flora", "init", plan.round, a)
             out[b] = torch.zeros_like(global_state[b])
         return out

@@ -13,6 +13,11 @@ import torch
 from fedlora.adapters import Factor, base_weight_name
 
 
+def matrix(x: torch.Tensor) -> torch.Tensor:
+    """A factor or base weight as a matrix: a 1x1 conv's (out, in, 1, 1) -> (out, in); 2-D unchanged."""
+    return x.reshape(x.shape[0], -1)
+
+
 def product_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``U diag(S) Vh = b @ a`` in float64, via QR of the factors (m = inner size).
 
@@ -29,8 +34,8 @@ def stack(bs: list[torch.Tensor], as_: list[torch.Tensor], weights: list[float])
 
     B_stack = [B_1, ..., B_K] (d, K r); A_stack = [w_1 A_1; ...; w_K A_K] (K r, k).
     """
-    b = torch.cat([x.to(torch.float64) for x in bs], dim=1)  # (d, K r)
-    a = torch.cat([w * x.to(torch.float64) for w, x in zip(weights, as_, strict=True)], dim=0)  # (K r, k)
+    b = torch.cat([matrix(x).to(torch.float64) for x in bs], dim=1)  # (d, K r)
+    a = torch.cat([w * matrix(x).to(torch.float64) for w, x in zip(weights, as_, strict=True)], dim=0)  # (K r, k)
     return b, a
 
 
