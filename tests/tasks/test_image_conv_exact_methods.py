@@ -54,3 +54,19 @@ def test_fedsvd_refactorises_conv_factors_in_their_shapes():
     a = out[A][..., 0, 0]
     assert torch.allclose(a @ a.T, torch.eye(R, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(prod(out[B], out[A]), prod(weighted_mean(b_ups, w)[B], glob[A]), atol=1e-10)
+
+
+def test_as_lora_scores_conv_gradients_as_matrices():
+    from fedlora.methods.as_lora import SendWithScores
+
+    up = SendWithScores(seed=0, rounds=5)
+    g_a, g_b = torch.randn(R, K, 1, 1), torch.randn(D, R, 1, 1)
+    assert torch.equal(up.projected(A, "A", g_a), up.projected(A, "A", g_a[..., 0, 0]))
+    assert torch.equal(up.projected(B, "B", g_b), up.projected(B, "B", g_b[..., 0, 0]))
+    assert up.energy(B, "B", g_b, 0.0) > 0
+
+
+def test_a_run_stopped_before_its_first_round_has_no_aggregation_error(tmp_path):
+    from fedlora.report.table import mean_aggregation_error
+
+    assert mean_aggregation_error(tmp_path) is None  # no metrics.jsonl: the compare table still writes

@@ -117,6 +117,7 @@ class SendWithScores:
         return self._proj[name].to(device)
 
     def projected(self, name: str, role: str, g: torch.Tensor) -> torch.Tensor:
+        g = g.reshape(g.shape[0], -1)  # a 1x1 conv's (r, k, 1, 1) / (d, r, 1, 1) as a matrix
         if role == "A":  # (r, k) @ (k, k)
             return g @ self.projection(name, g.shape[1], g.device)
         return self.projection(name, g.shape[0], g.device) @ g  # (d, d) @ (d, r)

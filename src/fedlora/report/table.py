@@ -25,6 +25,8 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def mean_aggregation_error(run_dir: Path) -> float | None:
     """Mean over rounds of the run's logged ``aggregation_error`` (None when it logs none)."""
+    if not (Path(run_dir) / "metrics.jsonl").is_file():  # a run stopped before its first round
+        return None
     vals = [float(m["aggregation_error"]) for m in read_metrics(run_dir)
             if isinstance(m.get("aggregation_error"), float | int)]
     return float(np.mean(vals)) if vals else None
