@@ -4,6 +4,7 @@ and parity with the in-process engine (the same fault replayed in-process gives 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,10 +18,13 @@ from fedlora.flower.deploy import Deployment, descendants, up
 
 
 @pytest.mark.slow
-def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_every_process(tiny_cfg):
+def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_every_process(
+        tiny_cfg, tiny_csv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in the config, as in a fresh clone (`runs/`, a data file)
+    shutil.copy(tiny_csv, tmp_path / "sentences.csv")
     cfg = tiny_cfg(method={"name": "dp-lora"}, train={"threads": 1}, privacy={"noise_multiplier": 3.0}, eval={"every": 2},
                    federation={"num_clients": 3, "rounds": 2, "local_steps": 2, "min_client_size": 20},
-                   output={"name": "flower-up"})
+                   task={"dataset": "sentences.csv"}, output={"root": "runs", "name": "flower-up"})
     started: dict[str, list[int]] = {"pids": []}
 
     def watch(dep: Deployment) -> None:
@@ -34,6 +38,7 @@ def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_e
             dep.stop("supernode2")  # killed after round 1: round 2 must finish with clients 0 and 1
 
     run = up(cfg, min_clients=2, round_timeout=300, timeout=1200, watch=watch)
+    assert run == Path("runs/flower-up") and not (run / "flower" / "runs").exists()
 
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]

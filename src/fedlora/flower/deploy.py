@@ -74,7 +74,9 @@ class Deployment:
     """The processes of one deployment; use as a context manager so they are always stopped."""
 
     def __init__(self, work: Path, num_nodes: int) -> None:
-        self.work, self.num_nodes = work, num_nodes
+        # absolute paths: Flower's processes get them in arguments and configs; every process runs in the
+        # caller's working directory, so relative paths in the fedlora config mean what they mean to `fedlora run`
+        self.work, self.num_nodes, self.cwd = Path(work).resolve(), num_nodes, Path.cwd()
         self.procs: dict[str, subprocess.Popen] = {}
         self.home = work / "home"
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
@@ -89,7 +91,7 @@ class Deployment:
     # ------------------------------------------------------------------ processes
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.work,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.cwd,
                                 start_new_session=True)  # its own process group: pgid == pid
         log.close()
         self.procs[name] = proc
@@ -133,7 +135,7 @@ class Deployment:
         self.wait_for(lambda: self.flwr("ls", check=False).returncode == 0, 120, "the SuperLink did not start")
 
     def flwr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        res = subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.cwd, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
             raise FedloraError(f"`flwr {args[0]}` failed: {(res.stderr or res.stdout).strip()[-300:]}")
         return res
@@ -214,7 +216,8 @@ def up(cfg: ExperimentConfig, *, min_clients: int | None = None, round_timeout: 
     run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
     run_dir.write_config(cfg.to_yaml())
     n = cfg.federation.num_clients
-    with Deployment(run_dir.path / "flower", n) as dep:
+    run_path = run_dir.path.resolve()  # the ServerApp runs in another process: it gets an absolute path
+    with Deployment(run_path / "flower", n) as dep:
         if node_workers:
             (dep.work / "node-config.yaml").write_text(cfg.to_yaml())
             for k in range(n):
@@ -223,7 +226,7 @@ def up(cfg: ExperimentConfig, *, min_clients: int | None = None, round_timeout: 
         for k, (private, public) in enumerate(dep.keys):
             dep.register(public)
             dep.start_supernode(k, private)
-        code = dep.run_app(run_config_for(cfg, run_dir.path, min_clients=min_clients, round_timeout=round_timeout),
+        code = dep.run_app(run_config_for(cfg, run_path, min_clients=min_clients, round_timeout=round_timeout),
                            timeout, watch)
     if not (run_dir.path / "summary.json").is_file():
         errors = [line for line in dep.log("run").splitlines() if line.startswith("fedlora.errors.")]
