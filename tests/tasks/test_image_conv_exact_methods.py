@@ -70,3 +70,13 @@ def test_a_run_stopped_before_its_first_round_has_no_aggregation_error(tmp_path)
     from fedlora.report.table import mean_aggregation_error
 
     assert mean_aggregation_error(tmp_path) is None  # no metrics.jsonl: the compare table still writes
+
+
+def test_aggregation_error_is_measured_on_conv_factors():
+    from fedlora.federation.diagnostics import aggregation_errors
+
+    ctx, plan, glob, ups, w = conv_setting()
+    fedex = type("M", (), {"aggregate": FoldResidual(S)})()
+    assert aggregation_errors(fedex, ctx, plan, glob, ups, w, S)["c"] < 1e-12  # exact
+    fedavg = type("M", (), {"aggregate": staticmethod(lambda c, p, g, u, ws: {**g, **weighted_mean(u, ws)})})()
+    assert aggregation_errors(fedavg, ctx, plan, glob, ups, w, S)["c"] > 0.05  # mean of factors: inexact

@@ -49,7 +49,7 @@ import torch
 
 from fedlora.adapters import Factor
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
-from fedlora.methods.lowrank import lora_modules
+from fedlora.methods.lowrank import lora_modules, matrix
 
 
 def lowrank_fro(left: torch.Tensor, right: torch.Tensor) -> float:
@@ -109,15 +109,17 @@ def aggregation_errors(method: Method, ctx: PlanContext, plan: RoundPlan, before
             x = shared[0]
             errors[module_of[a]] = factor_error([u.get(x, old[x]) for u in ups], weights, new[x])
             continue
-        if old[a].dim() != 2 or old[b].dim() != 2:
+        if old[a].dim() < 2 or old[b].dim() < 2:
             continue  # VeRA vectors
         base = None
         if w0 in new and w0 in old and not torch.equal(new[w0], old[w0]):
             if not scale:
                 raise ValueError(f"the base weight of {module_of[a]} changed but no LoRA scale is known")
-            base = (new[w0] - old[w0]) / scale
-        errors[module_of[a]] = module_error([u.get(b, old[b]) for u in ups], [u.get(a, old[a]) for u in ups],
-                                            weights, new[b], new[a], base)
+            base = matrix((new[w0] - old[w0]) / scale)
+        # 1x1-conv factors (r, k, 1, 1) / (d, r, 1, 1) as matrices
+        errors[module_of[a]] = module_error([matrix(u.get(b, old[b])) for u in ups],
+                                            [matrix(u.get(a, old[a])) for u in ups], weights,
+                                            matrix(new[b]), matrix(new[a]), base)
     return errors
 
 
