@@ -34,7 +34,8 @@ def test_node_worker_answers_bit_for_bit_like_the_client_app_and_refuses_a_wrong
     (tmp_path / "node.yaml").write_text(cfg.to_yaml())
     key, port = os.urandom(32).hex(), free_port()
     worker = subprocess.Popen([sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config",
-                               str(tmp_path / "node.yaml")], env={**os.environ, WORKER_KEY_ENV: key})
+                               str(tmp_path / "node.yaml"), "--partition", "1", "--build-slots", str(tmp_path)],
+                              env={**os.environ, WORKER_KEY_ENV: key}, stdout=subprocess.PIPE, text=True)
     try:
         monkeypatch.setenv(WORKER_KEY_ENV, key)
         sim = Simulation(cfg)
@@ -45,7 +46,7 @@ def test_node_worker_answers_bit_for_bit_like_the_client_app_and_refuses_a_wrong
         run_config, node = run_config_for(cfg, tmp_path / "run"), {"partition-id": 1}
         address = f"127.0.0.1:{port}"
 
-        with pytest.raises(NodeWorkerError, match="partition-id 7 is outside"):
+        with pytest.raises(NodeWorkerError, match="serves partition 1 only"):
             ask_worker(address, "query", RecordDict({"ask": ConfigRecord({"what": "partition-id"})}), RecordDict(),
                        run_config, {"partition-id": 7})
         with pytest.raises(AuthenticationError), Client(("127.0.0.1", port), authkey=b"wrong key"):
@@ -67,4 +68,6 @@ def test_node_worker_answers_bit_for_bit_like_the_client_app_and_refuses_a_wrong
         assert set(a) == set(sim.local_keys) and all(torch.equal(a[k], b[k]) for k in a)
     finally:
         worker.kill()
-        worker.wait()
+        out = worker.communicate()[0]
+    # it kept only partition 1's examples, and still answered bit for bit as above
+    assert int(out.split("dropped ")[1].split()[0]) >= len(sim.specs[0].indices)

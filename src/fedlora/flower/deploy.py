@@ -146,7 +146,8 @@ class Deployment:
     def start_worker(self, k: int, config_yaml: Path) -> None:
         """Partition ``k``'s node worker; it builds the node's view of ``config_yaml`` right away."""
         port = free_port()
-        self.start(f"worker{k}", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml)],
+        self.start(f"worker{k}", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml),
+                                  "--partition", str(k), "--build-slots", str(self.work), "--slots", "2"],
                    env={**self.env, WORKER_KEY_ENV: self.worker_key})
         self.workers[k] = f"127.0.0.1:{port}"
 

@@ -12,16 +12,24 @@ at start-up, before the run, and then answers the ClientApp processes of its nod
 authenticated local connection (address and key in the SuperNode's environment, see
 :data:`WORKER_ENV`). The client state still lives in the node's ``Context.state``: the ClientApp
 lends it to the worker for one message and stores what comes back; nothing of it enters a
-Flower message.
+Flower message. A worker keeps only its own partition's examples once built (the others' cached
+features are dropped), and at most ``--build-slots`` workers build at once (file locks), so N
+workers on one machine do not hold N copies of the whole task.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import fcntl
+import gc
 import os
 import sys
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Listener
+from pathlib import Path
 from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
@@ -91,14 +99,60 @@ def handle(kind: str, content: RecordDict, state: RecordDict, run_config: dict[s
 
 
 # ---------------------------------------------------------------------- the worker
-def serve_worker(port: int, key: bytes, config_yaml: str | None = None) -> None:
+def keep_only(sim, pid: int) -> int:
+    """Drop the per-example features of every example partition ``pid`` never reads (other clients'
+    training rows, other clients' test shares); returns how many were dropped. A later read of a
+    dropped example fails loudly (None), it never computes with other data."""
+    keep = {"train": {int(i) for i in sim.specs[pid].indices},
+            "test": {int(i) for i in sim.shares[pid]} if sim.shares else set()}
+    dropped = 0
+    for name, rows in keep.items():
+        for values in getattr(getattr(sim.rt.task, name, None), "features", {}).values():
+            if isinstance(values, list):
+                for i in range(len(values)):
+                    if i not in rows and values[i] is not None:
+                        values[i], dropped = None, dropped + 1
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the freed pages back (glibc)
+    return dropped
+
+
+@contextlib.contextmanager
+def build_slot(folder: Path | None, slots: int) -> Iterator[None]:
+    """Hold one of ``slots`` file locks in ``folder`` (none: no limit) while building."""
+    if folder is None:
+        yield
+        return
+    while True:
+        for i in range(slots):
+            with open(folder / f"build-slot-{i}.lock", "w") as lock:  # noqa: PTH123
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                return
+        time.sleep(0.5)
+
+
+def serve_worker(port: int, key: bytes, config_yaml: str | None = None, partition: int | None = None,
+                 slots: tuple[Path, int] | None = None) -> None:
     """Answer requests ``(kind, content, state, run_config, node_config)`` with ``("ok", reply, state)`` or
-    ``("error", message)``, one at a time, until killed. ``config_yaml`` builds the view before the first one."""
+    ``("error", message)``, one at a time, until killed. ``config_yaml`` builds the view before the first
+    one (in a build slot), and with ``partition`` keeps only that partition's examples."""
     with Listener(("127.0.0.1", port), authkey=key) as listener:  # listening before the (slow) build
         if config_yaml is not None:
             t = time.perf_counter()
-            view({"config-yaml": config_yaml})
-            print(f"node worker ready in {time.perf_counter() - t:.1f} s", flush=True)
+            with build_slot(*(slots or (None, 0))):
+                waited = time.perf_counter() - t
+                sim = view({"config-yaml": config_yaml})
+                dropped = keep_only(sim, partition) if partition is not None else 0
+            print(f"node worker ready in {time.perf_counter() - t:.1f} s ({waited:.1f} s waiting for a build slot; "
+                  f"dropped {dropped} examples of other partitions)", flush=True)
         while True:
             try:
                 conn = listener.accept()
@@ -108,6 +162,8 @@ def serve_worker(port: int, key: bytes, config_yaml: str | None = None) -> None:
             with conn:
                 try:
                     kind, content, state, run_config, node_config = conn.recv()
+                    if partition is not None and int(node_config.get("partition-id", -1)) != partition:
+                        raise ValueError(f"this node worker serves partition {partition} only")
                     t = time.perf_counter()
                     reply = ("ok", handle(kind, content, state, run_config, node_config), state)
                     print(f"{kind} in {time.perf_counter() - t:.2f} s", flush=True)
@@ -123,13 +179,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="fedlora node worker (started by `fedlora flower up`)")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--config", help="a fedlora config (YAML) to build before the first message")
+    ap.add_argument("--partition", type=int, help="the partition id of this node (keep only its examples)")
+    ap.add_argument("--build-slots", type=Path, help="a folder for the build locks shared by a machine's workers")
+    ap.add_argument("--slots", type=int, default=2, help="how many workers may build at once")
     args = ap.parse_args(argv)
     from fedlora.cli import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
     key = bytes.fromhex(os.environ[WORKER_KEY_ENV])
     text = open(args.config).read() if args.config else None  # noqa: PTH123, SIM115
-    serve_worker(args.port, key, text)
+    serve_worker(args.port, key, text, args.partition, (args.build_slots, args.slots) if args.build_slots else None)
 
 
 if __name__ == "__main__":
