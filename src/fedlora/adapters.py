@@ -128,6 +128,13 @@ def inject_adapters(model: nn.Module, cfg: Any, seed: int, head: str = "classifi
 
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.type == "vera":  # PEFT's VeRA wraps nn.Linear (and Conv1D) only
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.split(".")[-1] in cfg.target_modules]
+        if convs:
+            from fedlora.errors import ConfigError  # noqa: PLC0415
+
+            raise ConfigError(f"VeRA (adapter.type=vera) adapts linear layers only, but '{convs[0]}' is a convolution; "
+                              "use adapter.type=lora (and a LoRA method) for this model")
     torch.manual_seed(seed)
     peft_model = peft.get_peft_model(model, _peft_config(cfg, [head] if cfg.train_head else None))
     factors = find_factors(peft_model)

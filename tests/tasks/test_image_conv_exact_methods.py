@@ -4,9 +4,13 @@ treat them as matrices and hand back the original shapes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from fedlora.adapters import Factor, base_weight_name
+from fedlora.adapters import Factor, base_weight_name, inject_adapters
+from fedlora.config import AdapterConfig
+from fedlora.errors import ConfigError
 from fedlora.methods.base import PlanContext, RoundPlan
 from fedlora.methods.fedex_lora import FoldResidual
 from fedlora.methods.fedsvd import AverageBThenSVD
@@ -80,3 +84,11 @@ def test_aggregation_error_is_measured_on_conv_factors():
     assert aggregation_errors(fedex, ctx, plan, glob, ups, w, S)["c"] < 1e-12  # exact
     fedavg = type("M", (), {"aggregate": staticmethod(lambda c, p, g, u, ws: {**g, **weighted_mean(u, ws)})})()
     assert aggregation_errors(fedavg, ctx, plan, glob, ups, w, S)["c"] > 0.05  # mean of factors: inexact
+
+
+def test_vera_on_the_conv_model_is_a_config_error():
+    model = nn.Sequential()
+    model.add_module("_conv_head", nn.Conv2d(4, 6, 1))
+    model.add_module("classifier", nn.Linear(6, 2))
+    with pytest.raises(ConfigError, match="VeRA.*'_conv_head' is a convolution.*adapter.type=lora"):
+        inject_adapters(model, AdapterConfig(type="vera", target_modules=["_conv_head"]), seed=0)
