@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override key=value")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--per-pass", type=int, action="append", default=None,
+                    help="clients per batched pass (repeatable; default: all of them in one pass)")
     args = ap.parse_args()
     overrides = dict(parse_override(s) for s in args.set)
     overrides.setdefault("task.max_train_examples", 4000)
@@ -52,16 +54,22 @@ def main() -> None:
         return [run_client(sim.rt, sim.method, plan, download, spec, copy.deepcopy(st), local_steps=steps, seed=seed)
                 for spec, st in zip(sim.specs, sim.clients, strict=True)]
 
-    def batched():
-        return run_batched(sim.rt, sim.method, plan, download, sim.specs, copy.deepcopy(sim.clients),
-                           local_steps=steps, seed=seed)
+    def batched(k: int):
+        def run():
+            out = []
+            for i in range(0, args.clients, k):
+                out += run_batched(sim.rt, sim.method, plan, download, sim.specs[i:i + k],
+                                   copy.deepcopy(sim.clients[i:i + k]), local_steps=steps, seed=seed)
+            return out
+        return run
 
-    variants = {"sequential": sequential, "batched": batched}
+    variants = {"sequential": sequential, **{f"batched K={k}": batched(k) for k in args.per_pass or [args.clients]}}
     times: dict[str, list[float]] = {k: [] for k in variants}
     peak: dict[str, float] = {}
     outputs = {k: fn() for k, fn in variants.items()}  # warm-up, and the equality check
     worst = max(float((b.upload[k] - s.upload[k]).norm() / (s.upload[k].norm() + 1e-30))
-                for s, b in zip(outputs["sequential"], outputs["batched"], strict=True) for k in s.upload)
+                for name in variants if name != "sequential"
+                for s, b in zip(outputs["sequential"], outputs[name], strict=True) for k in s.upload)
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
         for k, fn in variants.items():
             if cuda:
@@ -81,9 +89,11 @@ def main() -> None:
     print(f"uploads: largest relative difference batched vs sequential {worst:.2e}")
     for k, v in times.items():
         mem = f"   peak {peak[k]:.2f} GiB" if cuda else ""
-        print(f"{k:12s} {statistics.median(v):8.3f} s per round of {args.clients} clients (runs: "
+        print(f"{k:14s} {statistics.median(v):8.3f} s per round of {args.clients} clients (runs: "
               f"{', '.join(f'{x:.3f}' for x in v)}){mem}")
-    print(f"speed-up batched / sequential: {statistics.median(times['sequential']) / statistics.median(times['batched']):.2f}x")
+    for k in variants:
+        if k != "sequential":
+            print(f"speed-up {k} / sequential: {statistics.median(times['sequential']) / statistics.median(times[k]):.2f}x")
 
 
 if __name__ == "__main__":

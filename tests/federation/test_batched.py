@@ -111,3 +111,12 @@ def test_auto_picks_k_from_free_memory(tiny_cfg, monkeypatch):
     assert auto_k(sim) == 1 and engine_k(sim) == 0  # no room for two: one after another
     with pytest.raises(ConfigError, match="batched_clients"):
         cfg_for(tiny_cfg, "dp-lora", -1)
+
+
+def test_auto_on_cpu_keeps_a_pass_within_its_activation_budget(tiny_cfg, monkeypatch):
+    import fedlora.federation.batched as batched
+
+    sim = Simulation(cfg_for(tiny_cfg, "dp-lora", "auto"))
+    per_client = max(s.expected_batch for s in sim.specs) * batched.activation_bytes(sim.rt)
+    monkeypatch.setattr(batched, "CPU_PASS_BYTES", 2 * per_client + 1)
+    assert auto_k(sim) == 2

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from fedlora.federation.simulation import Simulation
 
 STATELESS_SCHEDULES = (Joint, AlternateRounds, AlternateSteps)  # exact types: no per-client history
+CPU_PASS_BYTES = 256 << 20  # most activation bytes of one batched pass on CPU (auto)
 
 
 def unbatchable(sim: Simulation) -> str | None:
@@ -106,12 +107,17 @@ def auto_k(sim: Simulation) -> int:
 
     Per-client bytes = expected batch (largest client) x (3 x activation bytes of one example
     + bytes of one per-example gradient of every adapter tensor) + 4 x adapter bytes (weights,
-    gradient, two optimizer moments). Free memory: CUDA's free memory, else the OS's available RAM."""
+    gradient, two optimizer moments). Free memory: CUDA's free memory, else the OS's available RAM.
+    On CPU also K x expected batch x activation bytes <= 256 MiB: larger passes are bound by memory
+    bandwidth there and ran slower than one client at a time (docs/PERFORMANCE.md, "Batched clients")."""
     rt = sim.rt
     adapter = sum(p.numel() * p.element_size() for p in rt.adapted.params.values())
     batch = max(s.expected_batch for s in sim.specs)
-    per_client = batch * (3 * activation_bytes(rt) + adapter) + 4 * adapter
+    act = activation_bytes(rt)
+    per_client = batch * (3 * act + adapter) + 4 * adapter
     cap = max(1, round(sim.cfg.federation.clients_per_round * sim.cfg.federation.num_clients))
+    if rt.device.type == "cpu":
+        cap = min(cap, int(CPU_PASS_BYTES // max(batch * act, 1)))
     return int(max(1, min(cap, 0.5 * _available_bytes(rt.device) // max(per_client, 1))))
 
 
