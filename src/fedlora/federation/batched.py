@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from fedlora.federation.simulation import Simulation
 
 STATELESS_SCHEDULES = (Joint, AlternateRounds, AlternateSteps)  # exact types: no per-client history
-CPU_PASS_BYTES = 256 << 20  # most activation bytes of one batched pass on CPU (auto)
+CPU_PASS_BYTES = 128 << 20  # most activation bytes of one batched pass on CPU (auto)
 
 
 def unbatchable(sim: Simulation) -> str | None:
@@ -108,7 +108,7 @@ def auto_k(sim: Simulation) -> int:
     Per-client bytes = expected batch (largest client) x (3 x activation bytes of one example
     + bytes of one per-example gradient of every adapter tensor) + 4 x adapter bytes (weights,
     gradient, two optimizer moments). Free memory: CUDA's free memory, else the OS's available RAM.
-    On CPU also K x expected batch x activation bytes <= 256 MiB: larger passes are bound by memory
+    On CPU also K x expected batch x activation bytes <= 128 MiB: larger passes are bound by memory
     bandwidth there and ran slower than one client at a time (docs/PERFORMANCE.md, "Batched clients")."""
     rt = sim.rt
     adapter = sum(p.numel() * p.element_size() for p in rt.adapted.params.values())
