@@ -18,9 +18,10 @@ import time
 from multiprocessing.connection import Client
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.errors import ConfigError
 from fedlora.flower.node import WORKER_ENV, WORKER_KEY_ENV
 
 
@@ -52,7 +53,11 @@ def answer(kind: str, msg: Message, context: Context, defaults: dict[str, Any]) 
     run_config = {**defaults, **context.run_config}
     node_config = dict(context.node_config)
     address = os.environ.get(WORKER_ENV)
-    if address:
+    if kind == "query":  # the partition id needs no model: answered at once, also while a worker still builds
+        if "partition-id" not in node_config:
+            raise ConfigError("SuperNode has no partition-id; start it with --node-config 'partition-id=<k>'")
+        content = RecordDict({"node": MetricRecord({"partition-id": int(node_config["partition-id"])})})
+    elif address:
         content, state = ask_worker(address, kind, msg.content, context.state, run_config, node_config)
         for key in list(context.state):
             if key not in state:

@@ -48,7 +48,8 @@ class FlowerServer(Simulation):
                 for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
                     if not reply.has_error():
                         pid = int(reply.content.metric_records["node"]["partition-id"])
-                        nodes.setdefault(pid, reply.metadata.src_node_id)
+                        if 0 <= pid < len(self.specs):  # a node outside 0..num_clients-1 gets no work
+                            nodes.setdefault(pid, reply.metadata.src_node_id)
             if len(nodes) >= len(self.specs) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
