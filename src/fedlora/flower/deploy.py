@@ -5,10 +5,12 @@ the app folder). TLS uses certificates made for the run; SuperNode authenticatio
 the keys made for the run's N SuperNodes are registered. Every process is started in its own
 process group and stopped by its PID's group (SIGTERM, then SIGKILL), also when the run fails.
 
-Next to each SuperNode runs a node worker (``python -m fedlora.flower.node``, see ``node.py``):
-it builds the node's task and model while the federation starts and answers every message of
-its node, so the per-message ClientApp processes Flower starts need not import torch or rebuild
-the model. ``node_workers=False`` runs without them (each ClientApp process builds everything).
+Beside the SuperNodes runs one node worker (``python -m fedlora.flower.node``, see ``node.py``)
+shared by all of them, as they share this machine: it builds the task and model once while
+the federation starts and answers every node's messages (one at a time; each node's client
+state stays in its own ``Context.state``), so the per-message ClientApp processes Flower starts
+need not import torch or rebuild the model, and N nodes do not hold N copies of the task.
+``node_workers=False`` runs without it (each ClientApp process builds everything).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Deployment:
         self.tls = make_tls(work / "certs")
         self.keys = [make_node_key(work / "keys", f"node{k}") for k in range(num_nodes)]
         self.link_port = free_port()
-        self.workers: dict[int, str] = {}  # partition id -> its node worker's address
+        self.worker: str | None = None  # the node worker's address, shared by this machine's SuperNodes
         self.worker_key = secrets.token_hex(32)
 
     # ------------------------------------------------------------------ processes
@@ -143,16 +145,15 @@ class Deployment:
     def register(self, public_key: Path) -> None:
         self.flwr("supernode", "register", str(public_key), "fedlora")
 
-    def start_worker(self, k: int, config_yaml: Path) -> None:
-        """Partition ``k``'s node worker; it builds the node's view of ``config_yaml`` right away."""
+    def start_worker(self, config_yaml: Path) -> None:
+        """The node worker of every SuperNode started later; it builds the view of ``config_yaml`` right away."""
         port = free_port()
-        self.start(f"worker{k}", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml),
-                                  "--partition", str(k), "--build-slots", str(self.work), "--slots", "2"],
+        self.start("worker", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml)],
                    env={**self.env, WORKER_KEY_ENV: self.worker_key})
-        self.workers[k] = f"127.0.0.1:{port}"
+        self.worker = f"127.0.0.1:{port}"
 
     def start_supernode(self, k: int, private_key: Path, name: str | None = None) -> subprocess.Popen:
-        env = {**self.env, WORKER_ENV: self.workers[k], WORKER_KEY_ENV: self.worker_key} if k in self.workers else None
+        env = {**self.env, WORKER_ENV: self.worker, WORKER_KEY_ENV: self.worker_key} if self.worker else None
         return self.start(name or f"supernode{k}", [
             _bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}", "--root-certificates", str(self.tls["ca"]),
             "--auth-supernode-private-key", str(private_key), "--node-config", f"partition-id={k} num-partitions={self.num_nodes}",
@@ -210,7 +211,7 @@ def _signal(pid: int, sig: int, *, group: bool = False) -> None:
 
 def up(cfg: ExperimentConfig, *, min_clients: int | None = None, round_timeout: float = 600.0,
        timeout: float = 3600.0, watch: Callable[[Deployment], None] | None = None, node_workers: bool = True) -> Path:
-    """Start a SuperLink and one SuperNode per client (each with a node worker unless ``node_workers`` is
+    """Start a SuperLink and one SuperNode per client (and their node worker unless ``node_workers`` is
     False), run ``cfg``, stop everything; returns the run directory.
     ``watch(deployment)`` runs about once a second during the run (tests use it to add or kill nodes)."""
     RunDir.check_free(cfg.output.root, cfg.output.name)
@@ -221,8 +222,7 @@ def up(cfg: ExperimentConfig, *, min_clients: int | None = None, round_timeout: 
     with Deployment(run_path / "flower", n) as dep:
         if node_workers:
             (dep.work / "node-config.yaml").write_text(cfg.to_yaml())
-            for k in range(n):
-                dep.start_worker(k, dep.work / "node-config.yaml")
+            dep.start_worker(dep.work / "node-config.yaml")
         dep.start_superlink()
         for k, (private, public) in enumerate(dep.keys):
             dep.register(public)

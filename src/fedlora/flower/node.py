@@ -6,15 +6,16 @@ the node's view of the run (task, adapted model, partition, ClientSpec) once per
 config.
 
 Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message; importing torch and
-transformers and rebuilding the view there took most of a deployment round. ``fedlora flower up``
-therefore starts one worker per SuperNode (``python -m fedlora.flower.node``): it builds the view
-at start-up, before the run, and then answers the ClientApp processes of its node over an
-authenticated local connection (address and key in the SuperNode's environment, see
-:data:`WORKER_ENV`). The client state still lives in the node's ``Context.state``: the ClientApp
-lends it to the worker for one message and stores what comes back; nothing of it enters a
-Flower message. A worker keeps only its own partition's examples once built (the others' cached
-features are dropped), and at most ``--build-slots`` workers build at once (file locks), so N
-workers on one machine do not hold N copies of the whole task.
+transformers and rebuilding the view there took most of a deployment round. A node worker
+(``python -m fedlora.flower.node``) builds the view at start-up, before the run, and then
+answers the ClientApp processes over an authenticated local connection (address and key in the
+SuperNode's environment, see :data:`WORKER_ENV`), one message at a time. ``fedlora flower up``
+starts one worker shared by all its SuperNodes (they share the machine); on a real network each
+machine runs one beside its SuperNode, with ``--partition`` to keep only that partition's
+examples once built (the others' cached features are dropped) and ``--build-slots`` to let at
+most that many workers of a machine build at once (file locks). The client state still lives in
+the node's ``Context.state``: the ClientApp lends it to the worker for one message and stores
+what comes back; nothing of it enters a Flower message.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def serve_worker(port: int, key: bytes, config_yaml: str | None = None, partitio
     """Answer requests ``(kind, content, state, run_config, node_config)`` with ``("ok", reply, state)`` or
     ``("error", message)``, one at a time, until killed. ``config_yaml`` builds the view before the first
     one (in a build slot), and with ``partition`` keeps only that partition's examples."""
-    with Listener(("127.0.0.1", port), authkey=key) as listener:  # listening before the (slow) build
+    with Listener(("127.0.0.1", port), backlog=64, authkey=key) as listener:  # listening before the (slow) build
         if config_yaml is not None:
             t = time.perf_counter()
             with build_slot(*(slots or (None, 0))):
