@@ -103,3 +103,12 @@ def test_run_prints_a_summary_line(cfg_file):
 def test_methods_and_tasks_are_listed():
     assert "dp-lora" in runner.invoke(app, ["methods"]).output
     assert "text-classification" in runner.invoke(app, ["tasks"]).output
+
+
+@pytest.mark.parametrize(("method", "key", "value"), [("fedsa-vera", "type", "vera"), ("fedsa-rslora", "rslora", True)])
+def test_run_method_flag_sets_what_the_method_needs_from_the_adapter(cfg_file, tmp_path, method, key, value):
+    result = runner.invoke(app, ["run", str(cfg_file()), "--method", method, "--rounds", "1", "--out", str(tmp_path),
+                                 "--name", "m", "-q"])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    assert saved["adapter"][key] == value

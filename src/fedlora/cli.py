@@ -97,7 +97,9 @@ def run(
     if no_dp:
         flags["privacy.enabled"] = False
     if resume is None:
-        cfg = load_config(config, _overrides(set_ or [], flags))
+        from fedlora.methods.registry import METHOD_DEFAULTS  # noqa: PLC0415
+
+        cfg = load_config(config, {**METHOD_DEFAULTS.get(method or "", {}), **_overrides(set_ or [], flags)})
     else:
         from fedlora.resume import resume_config  # noqa: PLC0415
 

@@ -41,6 +41,14 @@ class MethodSetup:
             raise ConfigError(f"method '{method}' has no option '{unknown[0]}'; known: {', '.join(sorted(self._used)) or 'none'}")
 
 
+# What a method needs from the adapter. `fedlora run --method NAME` and `fedlora compare` apply
+# these before the user's -s overrides; a config file that names the method must set them itself.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fedsa-vera": {"adapter.type": "vera"},
+    "fedsa-rslora": {"adapter.rslora": True},
+}
+
+
 def register_method(name: str, description: str) -> Callable[[MethodFactory], MethodFactory]:
     if not name or name != name.lower() or " " in name:
         raise ValueError(f"method names are lower-case without spaces, got {name!r}")

@@ -23,14 +23,9 @@ import yaml
 
 from fedlora.config import ExperimentConfig, build_config, load_config
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.methods.registry import METHOD_DEFAULTS
 from fedlora.report.runtime_pool import RuntimePool
 from fedlora.report.table import write_tables
-
-# What a method needs from the adapter; applied before the user's -s overrides.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fedsa-vera": {"adapter.type": "vera"},
-    "fedsa-rslora": {"adapter.rslora": True},
-}
 
 
 @dataclass(frozen=True)
