@@ -40,7 +40,7 @@ def test_short_dp_run_on_fashion_mnist_beats_the_majority_class(tmp_path):
         "adapter": {"rank": 4, "target_modules": ["_expand_conv", "_project_conv", "_conv_head"], "layers": [15, 16]},
         "federation": {"num_clients": 2, "rounds": 3, "local_steps": 5, "min_client_size": 50},
         "privacy": {"epsilon": 8.0},
-        "train": {"batch_size": 64, "lr": 0.1, "momentum": 0.5},
+        "train": {"batch_size": 64, "lr": 0.1, "momentum": 0.5, "threads": 1},
         "output": {"root": str(tmp_path), "name": "fmnist"},
     })
     summary = run_experiment(cfg, progress=False)
