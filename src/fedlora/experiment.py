@@ -29,6 +29,9 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
         privacy += f"; NOT covered by the DP guarantee: {sim.method.reads_private_data}"
     line = (f"{sim.method.name}: accuracy {acc:.4f} (majority class {desc['majority_rate']:.4f}) after "
             f"{result.rounds_done} rounds, {privacy}, {result.seconds:.0f} s")
+    if "personal_accuracy" in final:
+        line += (f"; personal accuracy {final['personal_accuracy']:.4f} (each client's own model on its own test "
+                 f"share; clients' own majority labels {desc['client_majority_rate']:.4f})")
     if result.stop_reason:
         line += f" -- {result.stop_reason}"
     return line

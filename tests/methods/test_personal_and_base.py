@@ -30,11 +30,22 @@ def test_fedsa_reports_personal_accuracy_beside_the_global_figure(tiny_cfg):
     b = sim.rt.adapted.names(roles=("B",))[0]
     assert not torch.equal(sim.clients[0].local[b], sim.init_local[b])
     assert torch.equal(sim.rt.adapted.params[b], sim.init_local[b])  # restored after evaluation
+    labels = sim.rt.task.test.labels  # the yardstick: every client predicts its own share's majority label
+    expected = sum(np.bincount(labels[s]).max() for s in sim.shares) / len(labels)
+    assert sim.describe()["client_majority_rate"] == pytest.approx(expected)
+
+
+def test_summary_line_states_personal_accuracy_and_its_yardstick(tiny_cfg):
+    from fedlora.experiment import run_experiment
+
+    line = run_experiment(tiny_cfg(method={"name": "fedsa-lora"}, federation={"rounds": 1}), progress=False)["line"]
+    assert "personal accuracy" in line and "clients' own majority labels" in line
 
 
 def test_methods_without_local_roles_report_no_personal_figure(tiny_cfg):
     sim = Simulation(tiny_cfg(federation={"rounds": 1}))
     assert "personal_accuracy" not in sim.evaluate()
+    assert "client_majority_rate" not in sim.describe()
 
 
 def test_fedsa_variants_refuse_the_wrong_adapter(tiny_cfg):

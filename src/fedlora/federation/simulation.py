@@ -179,7 +179,14 @@ class Simulation:
                 "majority_rate": majority_rate(self.rt.task.test.labels),
                 "trainable_parameters": int(sum(self.rt.adapted.params[k].numel() for k in self.rt.adapted.params)),
                 "dp": self.cfg.privacy.enabled,
-                "sigma": [s.dp.noise_multiplier if s.dp else None for s in self.specs]}
+                "sigma": [s.dp.noise_multiplier if s.dp else None for s in self.specs],
+                **({"client_majority_rate": self.client_majority_rate()} if self.shares else {})}
+
+    def client_majority_rate(self) -> float:
+        """Yardstick for personal accuracy: each client predicts its own test share's majority label."""
+        labels = self.rt.task.test.labels
+        hits = sum(int(np.bincount(labels[s]).max()) for s in self.shares if len(s))
+        return hits / max(sum(len(s) for s in self.shares), 1)
 
     def evaluate(self) -> dict[str, float]:
         self.rt.adapted.load(self.init_local)
