@@ -154,6 +154,9 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="forward passes in fp32, or under bf16 autocast (LoRA factors, gradients, noise stay fp32)"
+    )
 
 
 class EvalConfig(_Section):

@@ -73,12 +73,14 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
         return (privatize(zero, spec.dp, gen) if spec.dp else {k: torch.zeros_like(p) for k, p in params.items()}), float("nan")
     batch = task.batch(task.train, spec.indices[rows], rt.device)
     if spec.dp is None:
-        losses = task.loss(adapted.model, batch)
+        with rt.autocast():
+            losses = task.loss(adapted.model, batch)
         grads = torch.autograd.grad(losses.mean(), list(params.values()))
         return dict(zip(params, grads, strict=True)), float(losses.detach().mean())
     rt.hooks.enabled = True
     try:
-        losses = task.loss(adapted.model, batch)  # (batch,)
+        with rt.autocast():
+            losses = task.loss(adapted.model, batch)  # (batch,)
         hooked = [k for k in active if k in rt.hooks.linear]
         torch.autograd.grad(losses.sum(), list(params.values()))  # fills the hooks
         per_sample = rt.hooks.linear_grads(hooked)
@@ -90,10 +92,13 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
         from fedlora.privacy.dpsgd import loop_per_sample  # noqa: PLC0415
 
         sub = {k: adapted.params[k] for k in others}
-        per_sample.update(
-            loop_per_sample(sub, lambda i: task.loss(adapted.model, {k: v[i] for k, v in batch.items()}), len(rows))
-        )
-    return privatize(per_sample, spec.dp, gen), float(losses.detach().mean())
+
+        def loss_of(i: torch.Tensor) -> torch.Tensor:
+            with rt.autocast():
+                return task.loss(adapted.model, {k: v[i] for k, v in batch.items()})
+
+        per_sample.update(loop_per_sample(sub, loss_of, len(rows)))
+    return privatize(per_sample, spec.dp, gen), float(losses.detach().float().mean())
 
 
 def run_client(

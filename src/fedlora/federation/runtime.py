@@ -6,6 +6,7 @@ import torch
 
 from fedlora.adapters import AdaptedModel, inject_adapters
 from fedlora.config import ExperimentConfig
+from fedlora.federation.precision import autocast
 from fedlora.privacy.dpsgd import PerSampleGradients
 from fedlora.tasks import Task, build_task
 
@@ -34,11 +35,17 @@ class Runtime:
         self.adapted.model.to(self.device)
         start = min((f.layer for f in self.adapted.factors if f.layer is not None), default=0)
         if cfg.task.cache_prefix and start > 0 and hasattr(self.task, "cache_prefix"):
-            self.task.cache_prefix(self.adapted.model, start, self.device)
+            with self.autocast():
+                self.task.cache_prefix(self.adapted.model, start, self.device)
         self.hooks = PerSampleGradients(self.adapted.params, self.adapted.model)
+
+    def autocast(self):
+        """The forward-pass context of ``train.precision`` on this runtime's device."""
+        return autocast(self.cfg.train.precision, self.device)
 
     def evaluate(self, state: dict[str, torch.Tensor], examples=None) -> dict[str, float]:
         self.adapted.load(state)
-        return self.task.evaluate(
-            self.adapted.model, self.task.test if examples is None else examples, self.cfg.eval.batch_size, self.device
-        )
+        with self.autocast():
+            return self.task.evaluate(
+                self.adapted.model, self.task.test if examples is None else examples, self.cfg.eval.batch_size, self.device
+            )

@@ -98,6 +98,8 @@ class PerSampleGradients:
                 if g is None:
                     raise RuntimeError(f"no output gradient recorded for {name}; was backward() called?")
                 b = x.shape[0]
+                dtype = getattr(module, attr).dtype  # bf16 autocast records bf16 tensors: fp32 from here on
+                x, g = x.to(dtype), g.to(dtype)
                 if isinstance(module, nn.Conv2d):  # a 1x1 conv is a linear layer over pixels
                     x, g = x.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2)  # (batch, pixels, ch)
                 x3 = x.reshape(b, -1, x.shape[-1])  # (batch, tokens, in)
