@@ -76,3 +76,11 @@ def test_bf16_per_sample_gradients_are_float32_and_clipping_bound_holds(tiny_cfg
 def test_unknown_precision_is_a_config_error(tiny_cfg) -> None:
     with pytest.raises(ConfigError, match="precision"):
         tiny_cfg(train={"precision": "fp16"})
+
+
+def test_bf16_falls_back_from_the_batched_engine(tiny_cfg) -> None:
+    from fedlora.federation.batched import engine_k  # noqa: PLC0415
+
+    assert engine_k(Simulation(tiny_cfg(federation={**ROUND, "batched_clients": "auto"}, train={"precision": "bf16"}))) == 0
+    with pytest.raises(ConfigError, match="train.precision=bf16"):
+        engine_k(Simulation(tiny_cfg(federation={**ROUND, "batched_clients": 2}, train={"precision": "bf16"})))
