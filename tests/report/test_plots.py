@@ -16,6 +16,7 @@ from fedlora.report.plots import (
     load_runs,
     plot_runs,
     run_label,
+    single_points,
 )
 
 runner = CliRunner()
@@ -91,3 +92,15 @@ def test_heatmap_rows_are_the_adapted_layers(tmp_path: Path) -> None:
     assert layer_ticks(run, 3) == ["0", "1", "2"]  # not the logged shape: plain row numbers
     assert layer_ticks(tmp_path / "missing", 1) == ["0"]
     _png(heatmap(load_runs([run]), tmp_path / "h.png", [run]))
+
+
+def test_single_measurement_per_run_is_drawn_as_bars(tmp_path: Path) -> None:
+    once = [_run(tmp_path, m, m, 3.0, _records(7, sharpness=lambda r, v=v: v if r == 7 else None))
+            for m, v in (("flora", 7.75), ("dp-lora", 8.66))]
+    runs = load_runs(once)
+    assert single_points(runs, "sharpness") == [("flora eps=3", 7, 7.75), ("dp-lora eps=3", 7, 8.66)]
+    assert single_points(runs, "accuracy") is None  # logged every round: lines
+    made = {p.name: p for p in plot_runs(once, tmp_path / "fig")}
+    _png(made["sharpness.png"])
+    several = _run(tmp_path, "many", "as-lora", 3.0, _records(4, sharpness=lambda r: 5.0 + r))
+    assert single_points(load_runs([*once, several]), "sharpness") is None  # one run with a curve: lines for all

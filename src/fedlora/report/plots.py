@@ -62,9 +62,36 @@ def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [r for r, _ in pts], [v for _, v in pts]
 
 
+def single_points(runs: list[tuple[str, list[dict[str, Any]]]], key: str) -> list[tuple[str, int, float]] | None:
+    """(label, round, value) per run when no run logs ``key`` in more than one round (e.g. the
+    sharpness measured once at the end), else None: such figures read better as bars than as dots."""
+    series = [(label, *_series(metrics, key)) for label, metrics in runs]
+    if any(len(x) > 1 for _, x, _ in series):
+        return None
+    return [(label, x[0], y[0]) for label, x, y in series if x]
+
+
+def bar_plot(points: list[tuple[str, int, float]], ylabel: str, path: Path) -> Path:
+    """One labelled bar per run (its single measured value, with the round it was taken in)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(points) + 2), 4.2))
+    bars = ax.bar(range(len(points)), [v for _, _, v in points], color=[f"C{i % 10}" for i in range(len(points))])
+    ax.bar_label(bars, labels=[f"{v:.3g}" for _, _, v in points], fontsize=7)
+    ax.set_xticks(range(len(points)), [f"{label}\nround {r}" for label, r, _ in points], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def line_plot(runs: list[tuple[str, list[dict[str, Any]]]], keys: list[tuple[str, str]], ylabel: str, path: Path,
               *, log: bool = False) -> Path | None:
-    """One line per run and key (``keys``: (metric, line style)); None when no run has any key."""
+    """One line per run and key (``keys``: (metric, line style)); None when no run has any key.
+    A single key that every run logs at most once is drawn as bars instead (``bar_plot``)."""
+    if len(keys) == 1 and (points := single_points(runs, keys[0][0])):
+        return bar_plot(points, ylabel, path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
