@@ -20,8 +20,9 @@ import time
 import torch
 
 from fedlora.config import load_config, parse_override
-from fedlora.federation.batched import run_batched, unbatchable
+from fedlora.federation.batched import run_batched
 from fedlora.federation.client import run_client
+from fedlora.federation.clients_per_pass import unbatchable
 from fedlora.federation.simulation import Simulation
 
 

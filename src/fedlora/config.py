@@ -99,7 +99,7 @@ class FederationConfig(_Section):
     batched_clients: int | Literal["auto"] = Field(
         0, description="clients trained together in one pass over the shared backbone: 0 (off, one after another), "
         "K (refused if the run cannot batch), or 'auto' (K from free memory; falls back to 0 when it cannot batch); "
-        "see federation/batched.py"
+        "see federation/clients_per_pass.py"
     )
 
     @model_validator(mode="after")

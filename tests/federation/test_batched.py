@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.federation.batched import auto_k, engine_k, run_batched
+from fedlora.federation.batched import run_batched
 from fedlora.federation.client import run_client
+from fedlora.federation.clients_per_pass import auto_k, engine_k
 from fedlora.federation.runtime import Runtime
 from fedlora.federation.simulation import Simulation
 
@@ -105,7 +106,7 @@ def test_what_cannot_batch_falls_back_under_auto_and_is_refused_when_explicit(ti
 def test_auto_picks_k_from_free_memory(tiny_cfg, monkeypatch):
     sim = Simulation(cfg_for(tiny_cfg, "dp-lora", "auto"))
     assert sim.batched_k == 4  # the tiny model fits every client of the round
-    import fedlora.federation.batched as batched
+    import fedlora.federation.clients_per_pass as batched
 
     monkeypatch.setattr(batched, "_available_bytes", lambda device: 0)
     assert auto_k(sim) == 1 and engine_k(sim) == 0  # no room for two: one after another
@@ -114,7 +115,7 @@ def test_auto_picks_k_from_free_memory(tiny_cfg, monkeypatch):
 
 
 def test_auto_on_cpu_keeps_a_pass_within_its_activation_budget(tiny_cfg, monkeypatch):
-    import fedlora.federation.batched as batched
+    import fedlora.federation.clients_per_pass as batched
 
     sim = Simulation(cfg_for(tiny_cfg, "dp-lora", "auto"))
     per_client = max(s.expected_batch for s in sim.specs) * batched.activation_bytes(sim.rt)

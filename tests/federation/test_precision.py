@@ -79,7 +79,7 @@ def test_unknown_precision_is_a_config_error(tiny_cfg) -> None:
 
 
 def test_bf16_falls_back_from_the_batched_engine(tiny_cfg) -> None:
-    from fedlora.federation.batched import engine_k  # noqa: PLC0415
+    from fedlora.federation.clients_per_pass import engine_k  # noqa: PLC0415
 
     assert engine_k(Simulation(tiny_cfg(federation={**ROUND, "batched_clients": "auto"}, train={"precision": "bf16"}))) == 0
     with pytest.raises(ConfigError, match="train.precision=bf16"):

@@ -17,8 +17,9 @@ import torch
 
 from fedlora.config import ExperimentConfig
 from fedlora.errors import BudgetExhausted, ConfigError
-from fedlora.federation.batched import engine_k, train_batched
+from fedlora.federation.batched import train_batched
 from fedlora.federation.client import ClientResult, ClientSpec, ClientState
+from fedlora.federation.clients_per_pass import engine_k
 from fedlora.federation.diagnostics import round_diagnostics
 from fedlora.federation.faults import ClientsFailed, run_clients
 from fedlora.federation.partition import label_histograms, partition
@@ -144,7 +145,7 @@ class Simulation:
         self.shares = split_test_set(self.rt.task.test.labels, self.histograms, cfg.train.seed) if self.local_keys else []
         self.memory: dict[str, Any] = {}
         self.round_faults: dict[str, Any] = {}  # the last round's failed clients (federation/faults.py)
-        self.batched_k = engine_k(self)  # clients per pass, 0: one after another (federation/batched.py)
+        self.batched_k = engine_k(self)  # clients per pass, 0: one after another (federation/clients_per_pass.py)
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
 

@@ -46,6 +46,14 @@ def is_pointwise_conv(module: nn.Module) -> bool:
     )
 
 
+def linear_per_sample(x: torch.Tensor, g: torch.Tensor, attr: str) -> torch.Tensor:
+    """Per-example gradient of a linear layer's ``weight`` (batch, out, in) or ``bias`` (batch, out)
+    from its input ``x`` (batch, ..., in) and output gradient ``g`` (batch, ..., out)."""
+    b = x.shape[0]
+    x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])  # (batch, tokens, features)
+    return torch.einsum("bto,bti->boi", g3, x3) if attr == "weight" else g3.sum(1)
+
+
 class PerSampleGradients:
     """Hooks that record, per active linear layer, its input and output gradient."""
 
@@ -102,9 +110,7 @@ class PerSampleGradients:
                 x, g = x.to(dtype), g.to(dtype)
                 if isinstance(module, nn.Conv2d):  # a 1x1 conv is a linear layer over pixels
                     x, g = x.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2)  # (batch, pixels, ch)
-                x3 = x.reshape(b, -1, x.shape[-1])  # (batch, tokens, in)
-                g3 = g.reshape(b, -1, g.shape[-1])  # (batch, tokens, out)
-                piece = torch.einsum("bto,bti->boi", g3, x3) if attr == "weight" else g3.sum(1)
+                piece = linear_per_sample(x, g, attr)
                 if isinstance(module, nn.Conv2d) and attr == "weight":
                     piece = piece.reshape(b, *module.weight.shape)  # (batch, out, in, 1, 1)
                 total = piece if total is None else total + piece
