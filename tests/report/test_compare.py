@@ -46,6 +46,7 @@ def test_compare_grid_tables_figures_and_resume(cfg_file: Path, tmp_path: Path) 
         assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {p.name for p in (root / r).iterdir()}
     grid = yaml.safe_load((root / "grid.yaml").read_text())
     assert grid["methods"] == ["dp-lora", "fedsa-lora"] and grid["epsilons"] == [2.0] and grid["seeds"] == 2
+    assert grid["dp_reference_runs"] is True  # the no-DP run per method was made (no --no-dp-reference)
     assert grid["base"]["federation"]["rounds"] == 2
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert {(r["method"], r["epsilon"]) for r in rows} == {(m, e) for m in ("dp-lora", "fedsa-lora")
@@ -113,6 +114,7 @@ def test_task_shared_across_adapters_gives_a_fresh_result(tiny_cfg) -> None:
 def test_method_defaults_set_adapter_needs(cfg_file: Path, tmp_path: Path) -> None:
     grid = plan_grid(cfg_file, methods="fedsa-vera,fedsa-rslora,dp-lora", epsilons="3", seeds=1, out=str(tmp_path),
                      name="x", no_dp_reference=True)
+    assert grid.spec["dp_reference_runs"] is False and all(cell.epsilon == 3.0 for cell, _ in grid.cells)
     adapters = {cell.method: cfg.adapter for cell, cfg in grid.cells}
     assert adapters["fedsa-vera"].type == "vera" and adapters["fedsa-rslora"].rslora
     assert adapters["dp-lora"].type == "lora" and not adapters["dp-lora"].rslora

@@ -97,7 +97,7 @@ def plan_grid(config: str | Path | None, *, methods: str | None, epsilons: str, 
                                           "output.name": cell.name})
                 build_method_for(cfg)  # method-specific refusals, before anything is written
                 cells.append((cell, cfg))
-    spec = {"methods": names, "epsilons": eps, "seeds": seeds, "no_dp_reference_runs": not no_dp_reference,
+    spec = {"methods": names, "epsilons": eps, "seeds": seeds, "dp_reference_runs": not no_dp_reference,
             "overrides": overrides, "method_defaults": {m: METHOD_DEFAULTS[m] for m in names if m in METHOD_DEFAULTS},
             "base": tree}
     return Grid(root, spec, cells)
