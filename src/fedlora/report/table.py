@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,24 +37,37 @@ def _level(e: float | None) -> str:
     return "no DP" if e is None else f"{e:g}"
 
 
-def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | None], list[Path]], float | None]:
-    """Rows per method x epsilon over the finished seeds; the finished run dirs; the majority rate."""
+Baselines = dict[str, dict[int, float]]  # 'majority' / 'client_majority' -> seed -> rate
+
+
+def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | None], list[Path]], Baselines]:
+    """Rows per method x epsilon over the finished seeds; the finished run dirs; the baselines per
+    seed (the test split is drawn per seed, so its majority-class rate differs between seeds):
+    'majority' (the test set's majority class) and 'client_majority' (each client predicting its own
+    test share's majority label, logged by runs that evaluate personalised models)."""
     from fedlora.report.compare import read_summary  # noqa: PLC0415
 
     groups: dict[tuple[str, float | None], list[tuple[Path, dict[str, Any]]]] = {}
+    baselines: Baselines = {"majority": {}, "client_majority": {}}
     for cell, _ in grid.cells:
         path = grid.root / cell.name
         s = read_summary(path)
         groups.setdefault((cell.method, cell.epsilon), [])
         if s is not None:
             groups[(cell.method, cell.epsilon)].append((path, s))
-    rows, majority = [], None
+            if s.get("majority_rate") is not None:
+                baselines["majority"].setdefault(cell.seed, float(s["majority_rate"]))
+            setup = path / "setup.json"
+            if cell.seed not in baselines["client_majority"] and setup.is_file():
+                rate = json.loads(setup.read_text(encoding="utf-8")).get("client_majority_rate")
+                if rate is not None:
+                    baselines["client_majority"][cell.seed] = float(rate)
+    rows = []
     for (method, eps), runs in groups.items():
         finals = [s["final"] for _, s in runs]
         acc, pacc = _stats([f["accuracy"] for f in finals if "accuracy" in f]), \
             _stats([f["personal_accuracy"] for f in finals if f.get("personal_accuracy") is not None])
         spent = [f["epsilon"] for f in finals if f.get("epsilon") is not None]
-        majority = next((s["majority_rate"] for _, s in runs), majority)
         agg = [v for p, _ in runs if (v := mean_aggregation_error(p)) is not None]
         rows.append({"method": method, "epsilon": _level(eps), "seeds": len(runs), "accuracy_mean": acc[0],
                      "accuracy_std": acc[1], "personal_accuracy_mean": pacc[0], "personal_accuracy_std": pacc[1],
@@ -61,7 +75,7 @@ def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | No
                      "aggregation_error": float(np.mean(agg)) if agg else math.nan,
                      "rounds": float(np.mean([s["rounds"] for _, s in runs])) if runs else math.nan,
                      "seconds": float(np.mean([s["seconds"]["total"] for _, s in runs])) if runs else math.nan})
-    return rows, {k: [p for p, _ in v] for k, v in groups.items()}, majority
+    return rows, {k: [p for p, _ in v] for k, v in groups.items()}, baselines
 
 
 def _pm(mean: float, std: float, seeds: int) -> str:
@@ -70,7 +84,19 @@ def _pm(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
-def markdown(rows: list[dict[str, Any]], majority: float | None, seeds: int) -> str:
+def baseline_line(label: str, per_seed: dict[int, float]) -> str:
+    """'label: 0.5960.' for one seed (or equal rates), else each seed's rate and their mean."""
+    if not per_seed:
+        return ""
+    seeds = sorted(per_seed)
+    rates = [per_seed[k] for k in seeds]
+    if len(set(rates)) == 1:
+        return f"{label}: {rates[0]:.4f}.\n"
+    listed = ", ".join(f"{per_seed[k]:.4f} (seed {k})" for k in seeds)
+    return f"{label}: {listed}; mean {float(np.mean(rates)):.4f}.\n"
+
+
+def markdown(rows: list[dict[str, Any]], baselines: Baselines, seeds: int) -> str:
     head = ("| method | epsilon | accuracy | personal accuracy | epsilon spent | aggregation error | rounds | "
             "seconds/run | seeds |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
@@ -82,8 +108,10 @@ def markdown(rows: list[dict[str, Any]], majority: float | None, seeds: int) -> 
         lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'], r['seeds'])} | "
                      f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'], r['seeds'])} | {spent} | {agg} | {rounds} | {secs} | "
                      f"{r['seeds']}/{seeds} |")
-    maj = "" if majority is None else f"\nMajority-class rate of the test set: {majority:.4f}.\n"
-    return ("\n".join(lines) + "\n" + maj + "Accuracy: mean ± standard deviation (ddof 1) over the finished seeds. Aggregation "
+    maj = baseline_line("Majority-class rate of the test set", baselines["majority"])
+    maj += baseline_line("Each client predicting its own test share's majority label (the yardstick for personal "
+                         "accuracy)", baselines["client_majority"])
+    return ("\n".join(lines) + "\n" + ("\n" + maj if maj else "") + "Accuracy: mean ± standard deviation (ddof 1) over the finished seeds. Aggregation "
             "error: relative Frobenius error of the kept product, mean over rounds and seeds.\n")
 
 
@@ -142,16 +170,16 @@ def write_tables(grid: Any) -> dict[str, Any]:
     """results.csv, results.md, the summary figures, and per-epsilon `fedlora plot` figures of seed 0."""
     from fedlora.report.plots import plot_runs  # noqa: PLC0415
 
-    rows, dirs, majority = collect(grid)
+    rows, dirs, baselines = collect(grid)
     with (grid.root / "results.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    md = markdown(rows, majority, grid.spec["seeds"])
+    md = markdown(rows, baselines, grid.spec["seeds"])
     (grid.root / "results.md").write_text(md, encoding="utf-8")
     made = figures(grid, rows, dirs)
     for e in dict.fromkeys(e for _, e in dirs):
         seed0 = [d for (_, level), ds in dirs.items() if level == e for d in ds if d.name.endswith("-seed0")]
         if seed0:
             made += plot_runs(seed0, grid.root / "figures" / ("nodp" if e is None else f"eps{e:g}"))
-    return {"markdown": md, "rows": rows, "majority_rate": majority, "figures": made}
+    return {"markdown": md, "rows": rows, "baselines": baselines, "figures": made}
