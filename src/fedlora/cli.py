@@ -174,6 +174,7 @@ def compare(
     out: Annotated[str | None, typer.Option(help="folder that holds the compare directory")] = None,
     name: Annotated[str | None, typer.Option(help="compare directory name; rerun with the same name to resume")] = None,
     no_dp_reference: Annotated[bool, typer.Option("--no-dp-reference", help="skip the non-private run per method")] = False,
+    workers: Annotated[int, typer.Option(help="cells run at once, each in its own process (e.g. one per CPU core)")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Run a grid of methods x epsilons x seeds; write results.md/.csv and figures; print the table."""
@@ -182,7 +183,7 @@ def compare(
     grid = plan_grid(config, methods=methods, epsilons=epsilons, seeds=seeds, overrides=_overrides(set_ or [], {}),
                      out=out, name=name, no_dp_reference=no_dp_reference)
     quiet_libraries()
-    result = run_compare(grid, progress=not quiet)
+    result = run_compare(grid, progress=not quiet, workers=workers)
     typer.echo(result["markdown"])
     typer.echo(f"compare directory: {grid.root}")
 

@@ -135,27 +135,43 @@ def run_cell(cfg: ExperimentConfig, pool: RuntimePool) -> dict[str, Any]:
     return run_experiment(cfg, progress=False, runtime=pool.get(cfg))
 
 
-def run_compare(grid: Grid, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the grid, then write tables and figures; return {'markdown', 'rows', ...}."""
+def run_compare(grid: Grid, *, progress: bool = True, workers: int = 1) -> dict[str, Any]:
+    """Run (or resume) the grid, in ``workers`` processes when > 1 (report/workers.py), then write
+    tables and figures; return {'markdown', 'rows', ...}."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (got {workers})")
     prepare_dir(grid)
     pool = RuntimePool()
     t0 = time.perf_counter()
     # Seed-major, then by epsilon (a stopped grid has every method at the first levels), then by
     # runtime; the data are shared across adapters, so switching runtimes costs only a model build.
     ordered = sorted(grid.cells, key=lambda c: (c[0].seed, c[0].epsilon or float("inf"), pool.key(c[1])))
+    pending = [cfg for cell, cfg in ordered if read_summary(grid.root / cell.name) is None]
+    bar, task = None, None
     if progress:
         from fedlora.report.progress import progress_bar  # noqa: PLC0415
 
-        with progress_bar("runs") as bar:
-            task = bar.add_task("compare", total=len(ordered), status="")
-            for cell, cfg in ordered:
-                bar.update(task, status=cell.name)
+        bar = progress_bar("runs")
+        bar.start()
+        task = bar.add_task("compare", total=len(ordered), completed=len(ordered) - len(pending), status="")
+    try:
+        if workers > 1 and len(pending) > 1:
+            from fedlora.report.workers import run_in_workers  # noqa: PLC0415
+
+            base = len(ordered) - len(pending)
+            run_in_workers(pending, workers, on_tick=None if bar is None else
+                           lambda n: bar.update(task, completed=base + n, status=f"{workers} workers"))
+        else:
+            for cfg in pending:
+                if bar is not None:
+                    bar.update(task, status=str(cfg.output.name))
                 s = run_cell(cfg, pool)
-                bar.update(task, advance=1, status=f"{cell.name}: acc {s['final'].get('accuracy', float('nan')):.3f}")
-    else:
-        for _, cfg in ordered:
-            run_cell(cfg, pool)
-    pool.close()
+                if bar is not None:
+                    bar.update(task, advance=1, status=f"{cfg.output.name}: acc {s['final'].get('accuracy', float('nan')):.3f}")
+    finally:
+        if bar is not None:
+            bar.stop()
+        pool.close()
     result = write_tables(grid)
     result["seconds"] = time.perf_counter() - t0
     return result
