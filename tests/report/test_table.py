@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.report.compare import Cell, Grid
-from fedlora.report.table import collect, write_tables
+from fedlora.report.table import collect, headline_key, mean_curves, write_tables
 
 
 def _finished(root: Path, cell: Cell, acc: float, agg: list[float], majority: float = 0.55) -> None:
@@ -58,3 +58,18 @@ def test_baselines_per_seed(tmp_path: Path) -> None:
     md = write_tables(grid)["markdown"]
     assert "Majority-class rate of the test set: 0.5960 (seed 0), 0.6020 (seed 1); mean 0.5990." in md
     assert "majority label (the yardstick for personal accuracy): 0.7800 (seed 0), 0.7900 (seed 1); mean 0.7850." in md
+
+
+def test_personal_methods_are_drawn_with_their_personal_accuracy(tmp_path: Path) -> None:
+    """FedSA's global model carries the initial head: its curve is the personal accuracy."""
+    plain, personal = Cell("dp-lora", 3.0, 0), Cell("fedsa-lora", 3.0, 0)
+    grid = Grid(tmp_path, {"methods": ["dp-lora", "fedsa-lora"], "seeds": 1}, [(plain, None), (personal, None)])
+    _finished(tmp_path, plain, 0.6, [0.1, 0.1])
+    _finished(tmp_path, personal, 0.5, [0.0, 0.0])
+    records = [{"round": r, "accuracy": 0.5, "personal_accuracy": 0.7 + 0.1 * r} for r in (1, 2)]
+    (tmp_path / personal.name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in records))
+    assert headline_key([tmp_path / plain.name]) == "accuracy"
+    assert headline_key([tmp_path / personal.name]) == "personal_accuracy"
+    assert mean_curves([tmp_path / personal.name], "personal_accuracy") == ([1, 2], [pytest.approx(0.8), pytest.approx(0.9)])
+    write_tables(grid)
+    assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 1000

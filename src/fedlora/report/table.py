@@ -115,51 +115,69 @@ def markdown(rows: list[dict[str, Any]], baselines: Baselines, seeds: int) -> st
             "error: relative Frobenius error of the kept product, mean over rounds and seeds.\n")
 
 
-def mean_curves(run_dirs: list[Path]) -> tuple[list[int], list[float]]:
-    """Mean accuracy per round over the runs that evaluated that round."""
+def headline_key(run_dirs: list[Path]) -> str:
+    """'personal_accuracy' when the runs log it (FedSA: B and the head stay on the clients, so the
+    global model's accuracy is that of the initial head, not the method's result), else 'accuracy'."""
+    return "personal_accuracy" if any(isinstance(m.get("personal_accuracy"), float | int)
+                                      for d in run_dirs for m in read_metrics(d)) else "accuracy"
+
+
+def mean_curves(run_dirs: list[Path], key: str = "accuracy") -> tuple[list[int], list[float]]:
+    """Mean of ``key`` per round over the runs that evaluated that round."""
     per: dict[int, list[float]] = {}
     for d in run_dirs:
         for m in read_metrics(d):
-            if isinstance(m.get("accuracy"), float | int):
-                per.setdefault(m["round"], []).append(float(m["accuracy"]))
+            if isinstance(m.get(key), float | int):
+                per.setdefault(m["round"], []).append(float(m[key]))
     rounds = sorted(per)
     return rounds, [float(np.mean(per[r])) for r in rounds]
 
 
 def figures(grid: Any, rows: list[dict[str, Any]], dirs: dict[tuple[str, float | None], list[Path]]) -> list[Path]:
+    """Mean accuracy per round (one panel per epsilon) and final accuracy against epsilon, one line
+    per method; methods that report a personal accuracy are drawn with it, dashed, '(personal)'."""
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
     from fedlora.report.plots import _pyplot  # noqa: PLC0415
 
     plt = _pyplot()
     methods, levels = grid.spec["methods"], list(dict.fromkeys(e for _, e in dirs))
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.8), squeeze=False, sharey=True)
+    personal = {m for m in methods if headline_key([d for (mm, _), ds in dirs.items() if mm == m for d in ds]) != "accuracy"}
+    style = {m: ("--" if m in personal else "-") for m in methods}
+    label = {m: f"{m} (personal)" if m in personal else m for m in methods}
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}  # one colour per method
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels) + 1.8, 3.8), squeeze=False, sharey=True)
     for ax, e in zip(axes[0], levels, strict=True):
-        for i, m in enumerate(methods):
-            x, y = mean_curves(dirs.get((m, e), []))
+        for m in methods:
+            x, y = mean_curves(dirs.get((m, e), []), "personal_accuracy" if m in personal else "accuracy")
             if x:
-                ax.plot(x, y, marker="o", markersize=3, color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=m)
+                ax.plot(x, y, marker="o", markersize=3, color=color[m], linestyle=style[m], label=label[m])
         ax.set_title(f"epsilon = {_level(e)}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("mean test accuracy")
     fullest = max(axes[0], key=lambda ax: len(ax.get_lines()))
     if fullest.get_lines():
-        fullest.legend(fontsize=7)
-    fig.tight_layout()
+        fig.legend(*fullest.get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (4.2 * len(levels) + 1.8), 1))
     fig.savefig(grid.root / "accuracy_per_round.png", dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, m in enumerate(methods):
-        pts = [(float(r["epsilon"]), r["accuracy_mean"], r["accuracy_std"]) for r in rows
-               if r["method"] == m and r["epsilon"] != "no DP" and not math.isnan(r["accuracy_mean"])]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for m in methods:
+        mean_key, std_key = ("personal_accuracy_mean", "personal_accuracy_std") if m in personal else ("accuracy_mean", "accuracy_std")
+        pts = [(float(r["epsilon"]), r[mean_key], r[std_key]) for r in rows
+               if r["method"] == m and r["epsilon"] != "no DP" and not math.isnan(r[mean_key])]
         if pts:
             pts.sort()
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=m)
+                        color=color[m], linestyle=style[m], label=label[m])
     ax.set_xlabel("epsilon (per client)")
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel("final test accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     if ax.get_lines():
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(grid.root / "accuracy_vs_epsilon.png", dpi=110)
     plt.close(fig)
