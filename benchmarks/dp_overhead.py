@@ -5,6 +5,7 @@ fused per-sample gradients (hooks + einsum), flat clipping and Gaussian noise.
 
     python benchmarks/dp_overhead.py                       # the demo model (configs/demo.yaml)
     python benchmarks/dp_overhead.py --set task.num_layers=6 --set adapter.layers=null
+    python benchmarks/dp_overhead.py --set adapter.type=vera   # adds the one-example loop VeRA used before
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def main() -> None:
         return lambda: local_gradients(rt, spec, rows, active, gen)
 
     variants = {"non-private": step(plain), "dp (fused)": step(private)}
+    if rt.hooks.vera:  # VeRA: also time the exact one-example loop its vectors used before the fused hooks
+
+        def looped():
+            fused, rt.hooks.fused = rt.hooks.fused, set(rt.hooks.linear)
+            try:
+                return local_gradients(rt, private, rows, active, gen)
+            finally:
+                rt.hooks.fused = fused
+
+        variants["dp (VeRA loop)"] = looped
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}

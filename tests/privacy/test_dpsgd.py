@@ -100,3 +100,34 @@ def test_noise_has_std_sigma_c_and_result_is_divided_by_expected_batch():
     assert abs(out.std().item() - 0.7 * 2.0 / 10.0) < 0.003
     again = add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator().manual_seed(5))["w"]
     assert torch.equal(again, add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator().manual_seed(5))["w"])
+
+
+@pytest.mark.parametrize("roles", [("A", "B", "head"), ("B",), ("A",)])
+def test_fused_vera_per_sample_gradients_match_one_example_loop(tiny_cfg, roles):
+    """VeRA's scaling vectors (lambda_d as A, lambda_b as B) get their per-example gradients from the
+    layer's hooks, like LoRA factors, not from the one-example loop; both agree in fp64."""
+    rt = Runtime(tiny_cfg(adapter={"type": "vera", "dropout": 0.0}))
+    rt.adapted.model.double()
+    with torch.no_grad():  # PEFT starts lambda_b at 0: make both vectors matter
+        for f in rt.adapted.factors:
+            if f.role in ("A", "B"):
+                rt.adapted.params[f.name].normal_(0, 0.5)
+    names = rt.adapted.names(roles=roles)
+    vera = [k for k in names if k not in rt.hooks.linear]
+    assert vera and set(vera) <= rt.hooks.fused and not set(vera) & set(rt.hooks.other)
+    rt.adapted.set_active(set(names))
+    batch = rt.task.batch(rt.task.train, np.arange(9), rt.device)
+    fused = _fused(rt, batch, names)
+    params = {k: rt.adapted.params[k] for k in names}
+    oracle = loop_per_sample(params, lambda i: rt.task.loss(rt.adapted.model, {k: v[i] for k, v in batch.items()}), 9)
+    for k in names:
+        assert fused[k].shape == oracle[k].shape and fused[k].dtype == torch.float64
+        rel = (fused[k] - oracle[k]).norm() / oracle[k].norm().clamp(min=1e-30)
+        assert rel < 1e-6, k
+    assert not any(torch.equal(oracle[k], torch.zeros_like(oracle[k])) for k in names)
+
+
+def test_vera_with_dropout_keeps_the_exact_loop(tiny_cfg):
+    rt = Runtime(tiny_cfg(adapter={"type": "vera", "dropout": 0.1}))
+    vera = [f.name for f in rt.adapted.factors if f.role in ("A", "B")]
+    assert vera and set(vera) <= set(rt.hooks.other) and not set(vera) & rt.hooks.fused

@@ -81,13 +81,13 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
     try:
         with rt.autocast():
             losses = task.loss(adapted.model, batch)  # (batch,)
-        hooked = [k for k in active if k in rt.hooks.linear]
+        hooked = [k for k in active if k in rt.hooks.fused]
         torch.autograd.grad(losses.sum(), list(params.values()))  # fills the hooks
         per_sample = rt.hooks.linear_grads(hooked)
     finally:
         rt.hooks.enabled = False
         rt.hooks.clear()
-    others = [k for k in active if k not in rt.hooks.linear]
+    others = [k for k in active if k not in rt.hooks.fused]
     if others:  # exact fallback, one example at a time
         from fedlora.privacy.dpsgd import loop_per_sample  # noqa: PLC0415
 

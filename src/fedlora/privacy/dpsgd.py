@@ -54,8 +54,51 @@ def linear_per_sample(x: torch.Tensor, g: torch.Tensor, attr: str) -> torch.Tens
     return torch.einsum("bto,bti->boi", g3, x3) if attr == "weight" else g3.sum(1)
 
 
+def vera_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor, role: str) -> torch.Tensor:
+    """Per-example gradient of a PEFT VeRA layer's ``lambda_b`` (batch, out) or ``lambda_d``
+    (batch, r) from its input ``x`` and output gradient ``g``. The layer adds
+    ``lambda_b * B (lambda_d * A x)`` with frozen shared A (r, in) and B (out, r), so with u = A x:
+    d/d lambda_b = sum over tokens of g * B (lambda_d * u), d/d lambda_d = sum of (B^T (lambda_b * g)) * u."""
+    from fedlora.adapters import ADAPTER  # noqa: PLC0415
+
+    lam_d, lam_b = module.vera_lambda_d[ADAPTER], module.vera_lambda_b[ADAPTER]
+    a = module.vera_A[ADAPTER][:, : module.in_features].to(lam_d)  # (r, in)
+    bmat = module.vera_B[ADAPTER][: module.out_features, :].to(lam_d)  # (out, r)
+    n = x.shape[0]
+    x3 = x.reshape(n, -1, x.shape[-1]).to(lam_d.dtype)  # (batch, tokens, in)
+    g3 = g.reshape(n, -1, g.shape[-1]).to(lam_d.dtype)  # (batch, tokens, out)
+    u = x3 @ a.T  # (batch, tokens, r)
+    if role == "lambda_b":
+        return ((lam_d * u) @ bmat.T * g3).sum(1)
+    return ((lam_b * g3) @ bmat * u).sum(1)
+
+
+def _vera_owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """id(parameter) -> (VeRA layer, 'lambda_d' | 'lambda_b') for VeRA layers without dropout (with
+    dropout the layer's input is not what its factors saw; those fall back to the exact loop)."""
+    try:
+        from peft.tuners.vera import VeraLayer  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return {}
+    from fedlora.adapters import ADAPTER  # noqa: PLC0415
+
+    owners: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        if isinstance(module, VeraLayer) and ADAPTER in module.vera_lambda_d:
+            dropout = module.vera_dropout[ADAPTER]
+            if isinstance(dropout, nn.Identity) or getattr(dropout, "p", 1.0) == 0:
+                owners[id(module.vera_lambda_d[ADAPTER])] = (module, "lambda_d")
+                owners[id(module.vera_lambda_b[ADAPTER])] = (module, "lambda_b")
+    return owners
+
+
 class PerSampleGradients:
-    """Hooks that record, per active linear layer, its input and output gradient."""
+    """Hooks that record, per active linear (or VeRA) layer, its input and output gradient.
+
+    ``linear`` maps the tensors owned by an ``nn.Linear`` (or 1x1 conv) to (module, attr);
+    ``vera`` maps VeRA's scaling vectors to (VeRA layer, role); ``fused`` is both: the tensors
+    whose per-example gradients come from one backward pass. Anything else is in ``other``.
+    """
 
     def __init__(self, params: dict[str, nn.Parameter], model: nn.Module) -> None:
         owners: dict[int, tuple[str, nn.Module, str]] = {}
@@ -65,21 +108,32 @@ class PerSampleGradients:
                     p = getattr(module, attr)
                     if p is not None:
                         owners[id(p)] = (mname, module, attr)
+        vera = _vera_owners(model)
         self.linear: dict[str, tuple[nn.Module, str]] = {}
+        self.vera: dict[str, tuple[nn.Module, str]] = {}
         self.other: dict[str, nn.Parameter] = {}
+        tracked: dict[int, list[nn.Parameter]] = {}
         for name, p in params.items():
             if id(p) in owners:
                 self.linear[name] = owners[id(p)][1:]
+            elif id(p) in vera:
+                self.vera[name] = vera[id(p)]
             else:
                 self.other[name] = p
+                continue
+            module = (self.linear.get(name) or self.vera[name])[0]
+            tracked.setdefault(id(module), []).append(p)
+        self.fused = set(self.linear) | set(self.vera)
+        self._tracked = tracked
         self._records: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self._handles = []
-        for module in {id(m): m for m, _ in self.linear.values()}.values():
+        modules = {id(m): m for m, _ in [*self.linear.values(), *self.vera.values()]}
+        for module in modules.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
         self.enabled = False
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if not self.enabled or not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if not self.enabled or not any(p.requires_grad for p in self._tracked[id(module)]):
             return
         entry: list = [inputs[0].detach(), None]
         self._records.setdefault(id(module), []).append(entry)  # type: ignore[arg-type]
@@ -97,14 +151,18 @@ class PerSampleGradients:
             h.remove()
 
     def linear_grads(self, active: list[str]) -> Grads:
-        """Per-sample gradients (batch, *shape) of the active linear-layer tensors."""
+        """Per-sample gradients (batch, *shape) of the active hooked tensors (``fused``)."""
         out: Grads = {}
         for name in active:
-            module, attr = self.linear[name]
+            module, attr = self.linear.get(name) or self.vera[name]
             total = None
             for x, g in self._records.get(id(module), []):
                 if g is None:
                     raise RuntimeError(f"no output gradient recorded for {name}; was backward() called?")
+                if name in self.vera:
+                    piece = vera_per_sample(module, x, g, attr)
+                    total = piece if total is None else total + piece
+                    continue
                 b = x.shape[0]
                 dtype = getattr(module, attr).dtype  # bf16 autocast records bf16 tensors: fp32 from here on
                 x, g = x.to(dtype), g.to(dtype)
