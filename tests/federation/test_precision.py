@@ -27,7 +27,7 @@ def _per_sample(sim: Simulation, rows: np.ndarray) -> tuple[dict[str, torch.Tens
             losses = rt.task.loss(rt.adapted.model, batch)
         torch.autograd.grad(losses.sum(), [rt.adapted.params[k] for k in active])
         seen = {t.dtype for recs in rt.hooks._records.values() for entry in recs for t in entry}
-        return rt.hooks.linear_grads(active), seen
+        return rt.hooks.fused_grads(active), seen
     finally:
         rt.hooks.enabled = False
         rt.hooks.clear()

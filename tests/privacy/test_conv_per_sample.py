@@ -53,7 +53,7 @@ def test_fused_conv_per_sample_gradients_match_loop(roles):
 
     hooks.enabled = True
     torch.autograd.grad(losses().sum(), list(params.values()))
-    fused = hooks.linear_grads(active)
+    fused = hooks.fused_grads(active)
     hooks.enabled = False
     exact = loop_per_sample(params, losses, 5)
     for k in active:

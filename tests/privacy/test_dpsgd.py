@@ -33,23 +33,26 @@ def _fused(rt, batch, names):
     losses = rt.task.loss(rt.adapted.model, batch)
     torch.autograd.grad(losses.sum(), [rt.adapted.params[k] for k in names])
     rt.hooks.enabled = False
-    return rt.hooks.linear_grads(names)
+    return rt.hooks.fused_grads(names)
 
 
-@pytest.mark.parametrize("roles", [("A", "B", "head"), ("B",), ("A",)])
-def test_fused_per_sample_gradients_match_one_example_loop(runtime64, roles):
-    rt = runtime64
-    names = rt.adapted.names(roles=roles)
+def _assert_fused_matches_loop(rt, names):
+    """The hooks' per-example gradients of ``names`` equal the one-example loop's, in fp64, and are not zero."""
     rt.adapted.set_active(set(names))
     batch = rt.task.batch(rt.task.train, np.arange(9), rt.device)
     fused = _fused(rt, batch, names)
     params = {k: rt.adapted.params[k] for k in names}
     oracle = loop_per_sample(params, lambda i: rt.task.loss(rt.adapted.model, {k: v[i] for k, v in batch.items()}), 9)
     for k in names:
-        assert fused[k].dtype == torch.float64
+        assert fused[k].shape == oracle[k].shape and fused[k].dtype == torch.float64
         rel = (fused[k] - oracle[k]).norm() / oracle[k].norm().clamp(min=1e-30)
         assert rel < 1e-6, k
     assert not any(torch.equal(oracle[k], torch.zeros_like(oracle[k])) for k in names)
+
+
+@pytest.mark.parametrize("roles", [("A", "B", "head"), ("B",), ("A",)])
+def test_fused_per_sample_gradients_match_one_example_loop(runtime64, roles):
+    _assert_fused_matches_loop(runtime64, runtime64.adapted.names(roles=roles))
 
 
 def test_inactive_tensors_get_no_per_sample_gradient(runtime64):
@@ -115,16 +118,7 @@ def test_fused_vera_per_sample_gradients_match_one_example_loop(tiny_cfg, roles)
     names = rt.adapted.names(roles=roles)
     vera = [k for k in names if k not in rt.hooks.linear]
     assert vera and set(vera) <= rt.hooks.fused and not set(vera) & set(rt.hooks.other)
-    rt.adapted.set_active(set(names))
-    batch = rt.task.batch(rt.task.train, np.arange(9), rt.device)
-    fused = _fused(rt, batch, names)
-    params = {k: rt.adapted.params[k] for k in names}
-    oracle = loop_per_sample(params, lambda i: rt.task.loss(rt.adapted.model, {k: v[i] for k, v in batch.items()}), 9)
-    for k in names:
-        assert fused[k].shape == oracle[k].shape and fused[k].dtype == torch.float64
-        rel = (fused[k] - oracle[k]).norm() / oracle[k].norm().clamp(min=1e-30)
-        assert rel < 1e-6, k
-    assert not any(torch.equal(oracle[k], torch.zeros_like(oracle[k])) for k in names)
+    _assert_fused_matches_loop(rt, names)
 
 
 def test_vera_with_dropout_keeps_the_exact_loop(tiny_cfg):

@@ -83,7 +83,7 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
             losses = task.loss(adapted.model, batch)  # (batch,)
         hooked = [k for k in active if k in rt.hooks.fused]
         torch.autograd.grad(losses.sum(), list(params.values()))  # fills the hooks
-        per_sample = rt.hooks.linear_grads(hooked)
+        per_sample = rt.hooks.fused_grads(hooked)
     finally:
         rt.hooks.enabled = False
         rt.hooks.clear()

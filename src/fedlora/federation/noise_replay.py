@@ -51,7 +51,7 @@ def clipped_step_sum(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: li
     try:
         losses = task.loss(adapted.model, batch)  # (batch,)
         torch.autograd.grad(losses.sum(), [adapted.params[k] for k in active])
-        per_sample = rt.hooks.linear_grads(active)
+        per_sample = rt.hooks.fused_grads(active)
     finally:
         rt.hooks.enabled = False
         rt.hooks.clear()

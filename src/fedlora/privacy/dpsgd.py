@@ -150,7 +150,7 @@ class PerSampleGradients:
         for h in self._handles:
             h.remove()
 
-    def linear_grads(self, active: list[str]) -> Grads:
+    def fused_grads(self, active: list[str]) -> Grads:
         """Per-sample gradients (batch, *shape) of the active hooked tensors (``fused``)."""
         out: Grads = {}
         for name in active:
