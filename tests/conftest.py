@@ -63,7 +63,7 @@ def tiny_tree(model_dir: Path, data: Path, run_root: Path, **sections: dict) -> 
         "task": {"dataset": str(data), "model": str(model_dir), "max_length": 16},
         "adapter": {"rank": 2, "alpha": 4},
         "federation": {"num_clients": 3, "rounds": 2, "local_steps": 2, "min_client_size": 20},
-        "privacy": {"epsilon": 3.0},
+        "privacy": {"epsilon": 3.0, "reproducible_noise": True},  # bit-identical tests; secure noise is tested on its own
         "train": {"batch_size": 16, "lr": 0.1},
         "eval": {"batch_size": 64},
         "output": {"root": str(run_root)},

@@ -135,6 +135,10 @@ class PrivacyConfig(_Section):
         None, ge=0, description="fix sigma instead of calibrating it from epsilon"
     )
     user_level: UserLevelConfig = Field(default_factory=UserLevelConfig)
+    reproducible_noise: bool = Field(
+        False, description="seed the DP noise from train.seed (bit-identical reruns); NOT private against anyone "
+        "who holds the config. Default: the OS's secure randomness"
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> PrivacyConfig:

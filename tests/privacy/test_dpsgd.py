@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedlora.federation.runtime import Runtime
+from fedlora.privacy.noise import SecureNoise, SeededNoise, noise_stream
 from fedlora.privacy.dpsgd import (
     DPParams,
     add_noise,
@@ -95,14 +96,32 @@ def test_small_gradients_are_not_scaled():
     assert torch.allclose(clip_factors(per_sample, 1.0), torch.ones(4))
 
 
-def test_noise_has_std_sigma_c_and_result_is_divided_by_expected_batch():
-    gen = torch.Generator().manual_seed(2)
+@pytest.mark.parametrize("source", ["secure", "seeded"])
+def test_noise_has_std_sigma_c_and_result_is_divided_by_expected_batch(source):
+    noise = SecureNoise() if source == "secure" else SeededNoise(torch.Generator().manual_seed(2))
     zeros = {"w": torch.zeros(0, 200, 200)}
-    out = privatize(zeros, DPParams(noise_multiplier=0.7, clip_norm=2.0, expected_batch_size=10.0), gen)["w"]
+    out = privatize(zeros, DPParams(noise_multiplier=0.7, clip_norm=2.0, expected_batch_size=10.0), noise)["w"]
     assert out.mean().abs() < 0.01
     assert abs(out.std().item() - 0.7 * 2.0 / 10.0) < 0.003
-    again = add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator().manual_seed(5))["w"]
-    assert torch.equal(again, add_noise({"w": torch.zeros(3)}, std=1.0, generator=torch.Generator().manual_seed(5))["w"])
+
+
+def test_secure_noise_is_standard_normal_and_never_repeats():
+    z = SecureNoise().normal((400_000,), dtype=torch.float64)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1.0) < 0.01
+    assert abs(((z.abs() < 1.0).double().mean() - 0.6827).item()) < 0.005  # the normal's central mass
+    assert torch.isfinite(z).all()
+    assert not torch.equal(SecureNoise().normal((8,), dtype=torch.float64), SecureNoise().normal((8,), dtype=torch.float64))
+    odd = SecureNoise().normal((3, 5), dtype=torch.float32)
+    assert odd.shape == (3, 5) and odd.dtype == torch.float32
+
+
+def test_reproducible_noise_repeats_only_when_asked():
+    seeded = [noise_stream(True, 7, "client", 0, 1).normal((5,), dtype=torch.float32) for _ in range(2)]
+    assert torch.equal(*seeded)
+    secure = [noise_stream(False, 7, "client", 0, 1).normal((5,), dtype=torch.float32) for _ in range(2)]
+    assert not torch.equal(*secure)
+    again = add_noise({"w": torch.zeros(3)}, std=1.0, noise=SeededNoise(torch.Generator().manual_seed(5)))["w"]
+    assert torch.equal(again, add_noise({"w": torch.zeros(3)}, std=1.0, noise=SeededNoise(torch.Generator().manual_seed(5)))["w"])
 
 
 @pytest.mark.parametrize("roles", [("A", "B", "head"), ("B",), ("A",)])

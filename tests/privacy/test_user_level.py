@@ -71,15 +71,17 @@ def test_one_client_moves_the_noiseless_mean_by_at_most_s_over_k():
     assert _flat_norm(base, swapped, ["A", "B"]) <= 2 * s / k * (1 + 1e-6)  # replace one = remove + add
 
 
-def test_server_noise_has_std_sigma_s_over_k_and_is_seeded():
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_server_noise_has_std_sigma_s_over_k_secure_unless_reproducible(reproducible):
     glob = {"W": torch.zeros(300, 300)}
     sigma, s, k = 1.5, 2.0, 4
-    agg = UserLevelDP(MeanOfUploads(), clip_norm=s, noise_multiplier=sigma, seed=3)
+    agg = UserLevelDP(MeanOfUploads(), clip_norm=s, noise_multiplier=sigma, seed=3, reproducible_noise=reproducible)
     uploads = [{"W": torch.zeros(300, 300)} for _ in range(k)]  # zero deltas: what moves is noise
     out = agg(CTX, PLAN, glob, uploads, [1 / k] * k)["W"]
     assert out.mean().abs() < 0.01
     assert out.std().item() == pytest.approx(sigma * s / k, rel=0.01)
-    assert torch.equal(out, agg(CTX, PLAN, glob, uploads, [1 / k] * k)["W"])
+    # seeded noise repeats for the same round; secure noise never does (no client can strip it)
+    assert torch.equal(out, agg(CTX, PLAN, glob, uploads, [1 / k] * k)["W"]) is reproducible
     ctx2 = PlanContext(2, 2, [], [], frozenset(), {}, 0)
     assert not torch.equal(out, agg(ctx2, PLAN, glob, uploads, [1 / k] * k)["W"])  # fresh noise each round
 

@@ -33,7 +33,7 @@ from fedlora.federation.client import (
     poisson_batch,
 )
 from fedlora.federation.faults import ClientsFailed, finite
-from fedlora.federation.seeds import generator
+from fedlora.seeds import generator
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import linear_per_sample, privatize
 
@@ -105,7 +105,8 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
     trainable = sorted(plan.trainable)
     before = [{k: v[k].detach().clone() for k in trainable} for v in values]
     optimizer = _optimizer([v[k] for v in values for k in trainable], rt.cfg.train)  # per-parameter state
-    gens = [generator(seed, "client", s.cid, plan.round, device=rt.device) for s in specs]
+    gens = [generator(seed, "client", s.cid, plan.round) for s in specs]  # Poisson sampling, as run_client
+    noises = [s.noise(seed, plan.round, rt.device) for s in specs]
     batched = _Batched(rt, values)
     adapted.model.train()
     last: list[State] = [{} for _ in specs]
@@ -129,7 +130,7 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
         for c, (spec, n, part_loss) in enumerate(zip(specs, counts, torch.split(loss, counts), strict=True)):
             mine = {k: split[k][c] for k in active}
             if spec.dp is not None:
-                grads = privatize(mine, spec.dp, gens[c])
+                grads = privatize(mine, spec.dp, noises[c])
             else:
                 grads = {k: g.mean(0) if n else torch.zeros_like(values[c][k]) for k, g in mine.items()}
             grads = method.schedule.transform(grads, plan, step)

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from fedlora.federation.runtime import Runtime
-from fedlora.federation.seeds import generator
+from fedlora.seeds import generator
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import DPParams, privatize
+from fedlora.privacy.noise import NoiseSource, noise_stream
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ClientSpec:
     sample_rate: float  # Poisson rate q
     dp: DPParams | None  # None: non-private
     step_budget: int  # most DP steps within its (epsilon, delta) target
+    reproducible_noise: bool = False  # True: noise seeded from the config (NOT private against its holders)
+
+    def noise(self, seed: int, rnd: int, device: torch.device | str = "cpu") -> NoiseSource:
+        """The DP noise of this client's round: secure randomness unless reproducible noise was asked for."""
+        return noise_stream(self.reproducible_noise, seed, "client", self.cid, rnd, device=device)
 
     @property
     def expected_batch(self) -> float:
@@ -64,13 +70,13 @@ def poisson_batch(n: int, rate: float, gen: torch.Generator) -> np.ndarray:
     return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten().numpy()
 
 
-def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str], gen: torch.Generator) -> tuple[State, float]:
+def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str], noise: NoiseSource) -> tuple[State, float]:
     """One step's gradient of the active tensors: privatised with DP, plain mean without."""
     adapted, task = rt.adapted, rt.task
     params = {k: adapted.params[k] for k in active}
     if len(rows) == 0:
         zero = {k: torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype) for k, p in params.items()}
-        return (privatize(zero, spec.dp, gen) if spec.dp else {k: torch.zeros_like(p) for k, p in params.items()}), float("nan")
+        return (privatize(zero, spec.dp, noise) if spec.dp else {k: torch.zeros_like(p) for k, p in params.items()}), float("nan")
     batch = task.batch(task.train, spec.indices[rows], rt.device)
     if spec.dp is None:
         with rt.autocast():
@@ -98,7 +104,7 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
                 return task.loss(adapted.model, {k: v[i] for k, v in batch.items()})
 
         per_sample.update(loop_per_sample(sub, loss_of, len(rows)))
-    return privatize(per_sample, spec.dp, gen), float(losses.detach().float().mean())
+    return privatize(per_sample, spec.dp, noise), float(losses.detach().float().mean())
 
 
 def run_client(
@@ -119,14 +125,15 @@ def run_client(
     before = adapted.state(sorted(plan.trainable))
     trainable = [adapted.params[k] for k in sorted(plan.trainable)]
     optimizer = _optimizer(trainable, rt.cfg.train)  # fresh every round
-    gen = generator(seed, "client", spec.cid, plan.round, device=rt.device)
+    gen = generator(seed, "client", spec.cid, plan.round)  # Poisson sampling (CPU stream)
+    noise = spec.noise(seed, plan.round, rt.device)
     last: State = {}
     losses, examples = [], 0
     for step in range(local_steps):
         active = sorted(method.schedule.active(plan, step))
         adapted.set_active(set(active))
         rows = poisson_batch(len(spec.indices), spec.sample_rate, gen)
-        grads, loss = local_gradients(rt, spec, rows, active, gen)
+        grads, loss = local_gradients(rt, spec, rows, active, noise)
         grads = method.schedule.transform(grads, plan, step)
         optimizer.zero_grad(set_to_none=True)  # inactive tensors keep grad=None: no state advance
         for k, g in grads.items():

@@ -27,7 +27,7 @@ import torch
 
 from fedlora.errors import BudgetExhausted, FedloraError
 from fedlora.federation.client import ClientResult, ClientState, run_client
-from fedlora.federation.seeds import derive_seed
+from fedlora.seeds import derive_seed
 from fedlora.federation.server import round_half_up
 from fedlora.methods.base import RoundPlan, State
 

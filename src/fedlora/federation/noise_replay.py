@@ -30,10 +30,11 @@ import torch
 
 from fedlora.federation.client import ClientSpec, poisson_batch
 from fedlora.federation.runtime import Runtime
-from fedlora.federation.seeds import generator
+from fedlora.seeds import generator
 from fedlora.methods.base import State
 from fedlora.methods.lowrank import lora_modules
 from fedlora.privacy.dpsgd import add_noise, clip_factors, clipped_sum
+from fedlora.privacy.noise import SeededNoise
 
 
 @dataclass
@@ -67,7 +68,7 @@ def replay_step(rt: Runtime, spec: ClientSpec, state: State, active: list[str], 
     adapted, f64 = rt.adapted, torch.float64
     adapted.load(state)
     adapted.model.eval()  # no dropout: the replay isolates the DP noise
-    gen = generator(seed, "client", spec.cid, round, device=rt.device)
+    gen = generator(seed, "client", spec.cid, round)  # the replay's own draw (a diagnostic, not a release)
     rows = poisson_batch(len(spec.indices), spec.sample_rate, gen)
     adapted.set_active(set(active))
     try:
@@ -75,7 +76,7 @@ def replay_step(rt: Runtime, spec: ClientSpec, state: State, active: list[str], 
     finally:
         adapted.set_active(set(adapted.params))
     dp = spec.dp
-    noisy = add_noise(summed, std=dp.noise_multiplier * dp.clip_norm, generator=gen)
+    noisy = add_noise(summed, std=dp.noise_multiplier * dp.clip_norm, noise=SeededNoise(gen))
     step_clean = {k: -lr * v.to(f64) / dp.expected_batch_size for k, v in summed.items()}
     step_noise = {k: -lr * (noisy[k].to(f64) - summed[k].to(f64)) / dp.expected_batch_size for k in summed}
     cross2 = linear2 = resid2 = total2 = 0.0

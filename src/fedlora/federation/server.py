@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.federation.seeds import derive_seed
+from fedlora.seeds import derive_seed
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
 
 

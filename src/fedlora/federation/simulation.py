@@ -24,7 +24,7 @@ from fedlora.federation.diagnostics import round_diagnostics
 from fedlora.federation.faults import ClientsFailed, run_clients
 from fedlora.federation.partition import label_histograms, partition
 from fedlora.federation.runtime import Runtime
-from fedlora.federation.seeds import derive_seed
+from fedlora.seeds import derive_seed
 from fedlora.federation.server import aggregate_round, sample_clients, state_bytes
 from fedlora.methods import Method, MethodSetup, PlanContext
 from fedlora.methods.base import State
@@ -77,7 +77,7 @@ def client_specs(cfg: ExperimentConfig, parts: list[np.ndarray]) -> list[ClientS
             if budget < fed.local_steps:
                 raise ConfigError(f"privacy.epsilon={dp.epsilon:g} is too small for one round of {fed.local_steps} steps at "
                                   f"noise_multiplier={sigma:g} (client {cid} allows {budget}); raise privacy.epsilon or the noise")
-        specs.append(ClientSpec(cid, idx, q, DPParams(sigma, dp.clip_norm, q * len(idx)), budget))
+        specs.append(ClientSpec(cid, idx, q, DPParams(sigma, dp.clip_norm, q * len(idx)), budget, dp.reproducible_noise))
     return specs
 
 
@@ -123,7 +123,7 @@ class Simulation:
         self.method = build_method_for(cfg)
         self.user_dp = user_level_for(cfg)
         if self.user_dp is not None:  # privatise every upload before the method aggregates
-            self.method = self.user_dp.wrap(self.method, seed=cfg.train.seed)
+            self.method = self.user_dp.wrap(self.method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise)
         self.rt = runtime or Runtime(cfg)
         fed = cfg.federation
         labels = self.rt.task.train.labels

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.federation.seeds import derive_seed, generator
+from fedlora.seeds import derive_seed, generator
 from fedlora.methods.as_lora_curvature import NOT_COVERED, curvature_option, finite_difference_score
 from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.federation.seeds import generator
+from fedlora.seeds import generator
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
 from fedlora.methods.lowrank import lora_modules, stack

@@ -27,7 +27,7 @@ import torch
 from fedlora.config import ExperimentConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.federation.runtime import Runtime
-from fedlora.federation.seeds import derive_seed
+from fedlora.seeds import derive_seed
 from fedlora.privacy.audit import epsilon_lower_bound
 from fedlora.tasks import build_task
 from fedlora.tasks.base import ExampleSet
@@ -125,8 +125,9 @@ def run_audit(cfg: ExperimentConfig, *, canaries: int, confidence: float = 0.95,
     included = np.random.default_rng(derive_seed(cfg.train.seed, "audit", "include")).random(canaries) < 0.5
     rt = Runtime(cfg, task=task)  # caches the frozen prefix of the canaries too
     sim = Simulation(cfg, runtime=rt, extra_rows={client: rows[included]}, held_out_rows=rows[~included])
-    if _disable_noise_for_tests:
-        sim.specs = [dataclasses.replace(s, dp=dataclasses.replace(s.dp, _audit_disable_noise_for_tests=True))
+    claimed_specs = sim.specs
+    if _disable_noise_for_tests:  # the mechanism adds no noise; the claim below stays the calibrated one
+        sim.specs = [dataclasses.replace(s, dp=dataclasses.replace(s.dp, noise_multiplier=0.0))
                      if s.dp else s for s in sim.specs]
     run_dir = RunDir.create(cfg.output.root, cfg.output.name, "audit") if write else None
     sim.run_dir = run_dir
@@ -135,6 +136,7 @@ def run_audit(cfg: ExperimentConfig, *, canaries: int, confidence: float = 0.95,
     initial = {k: v.clone() for k, v in sim.global_state.items()}
     result = sim.run()
     scores = example_losses(sim, initial, rows) - example_losses(sim, sim.global_state, rows)
+    sim.specs = claimed_specs
     claimed, unit = claimed_epsilon(sim, client, result.rounds_done)
     audit = {"canaries": canaries, "included": int(included.sum()), "client": client, "confidence": confidence,
              **best_guess_bound(scores, included, confidence), "claimed_epsilon": claimed, "claimed_unit": unit,

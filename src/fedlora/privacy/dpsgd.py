@@ -7,7 +7,9 @@ over tokens or pixels), for the active tensors only.
 Tensors not owned by a linear layer (VeRA's lambda vectors, say) fall back to a
 one-example-at-a-time loop: slower, exact. Clipping is flat (one L2 norm over all active
 tensors of the step), noise is Gaussian with std ``sigma * C`` on the clipped sum, and the
-result is divided by the expected batch size, as Opacus does for Poisson sampling.
+result is divided by the expected batch size, as Opacus does for Poisson sampling. The noise
+comes from a :class:`~fedlora.privacy.noise.NoiseSource`: the OS's secure randomness unless the
+run opted into a reproducible stream (``privacy/noise.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fedlora.privacy.noise import NoiseSource
 
 Grads = dict[str, torch.Tensor]
 
@@ -28,10 +32,6 @@ class DPParams:
     noise_multiplier: float  # sigma
     clip_norm: float  # C
     expected_batch_size: float  # q * n
-    # Test-only (``fedlora.privacy.canaries.run_audit(_disable_noise_for_tests=True)``): add no noise while
-    # the accountant still reports sigma's epsilon, so tests can show that the audit catches a broken
-    # mechanism. No config key sets it.
-    _audit_disable_noise_for_tests: bool = False
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
@@ -192,19 +192,19 @@ def clipped_sum(per_sample: Grads, factors: torch.Tensor) -> Grads:
     return {k: torch.einsum("b,b...->...", factors.to(g.dtype), g) for k, g in per_sample.items()}
 
 
-def add_noise(summed: Grads, *, std: float, generator: torch.Generator) -> Grads:
+def add_noise(summed: Grads, *, std: float, noise: NoiseSource) -> Grads:
+    """Each tensor plus N(0, std^2) per coordinate, in the tensor's own order (sorted names)."""
     out = {}
-    for k, s in summed.items():
-        noise = torch.randn(s.shape, generator=generator, dtype=torch.float32, device=generator.device)
-        out[k] = s + (std * noise).to(device=s.device, dtype=s.dtype)
+    for k in sorted(summed):
+        s = summed[k]
+        out[k] = s + std * noise.normal(s.shape, dtype=torch.float32, device=s.device).to(s.dtype)
     return out
 
 
-def privatize(per_sample: Grads, dp: DPParams, generator: torch.Generator) -> Grads:
+def privatize(per_sample: Grads, dp: DPParams, noise: NoiseSource) -> Grads:
     """clip -> sum -> noise -> scale by the expected batch size."""
     summed = clipped_sum(per_sample, clip_factors(per_sample, dp.clip_norm))
-    std = 0.0 if dp._audit_disable_noise_for_tests else dp.noise_multiplier * dp.clip_norm
-    noisy = add_noise(summed, std=std, generator=generator)
+    noisy = add_noise(summed, std=dp.noise_multiplier * dp.clip_norm, noise=noise)
     return {k: v / dp.expected_batch_size for k, v in noisy.items()}
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.federation.seeds import generator
 from fedlora.methods.base import Aggregate, Method, PlanContext, RoundPlan, State
 from fedlora.privacy.accounting import calibrate_noise, epsilon
+from fedlora.privacy.noise import NoiseSource, noise_stream
 
 ACCOUNTANT = "rdp"  # q = 1 (every client, every round) is routine here, where PRV is fragile
 
@@ -49,15 +49,14 @@ def clip_delta(delta: State, clip_norm: float) -> State:
     return {k: d * factor.to(d.device) for k, d in delta.items()}
 
 
-def noisy_mean(deltas: list[State], *, clip_norm: float, noise_multiplier: float, generator: torch.Generator) -> State:
+def noisy_mean(deltas: list[State], *, clip_norm: float, noise_multiplier: float, noise: NoiseSource) -> State:
     """Equal-weight mean of clipped deltas plus N(0, (sigma_u * S / K)^2) per coordinate."""
     k = len(deltas)
     std = noise_multiplier * clip_norm / k
     out: State = {}
     for name in sorted(deltas[0]):
         mean = sum(d[name] for d in deltas) / k
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64, device=generator.device)
-        out[name] = mean + std * noise.to(mean.device)
+        out[name] = mean + std * noise.normal(mean.shape, dtype=torch.float64, device=mean.device)
     return out
 
 
@@ -69,6 +68,7 @@ class UserLevelDP:
     clip_norm: float  # S
     noise_multiplier: float  # sigma_u
     seed: int
+    reproducible_noise: bool = False  # True: server noise seeded from the config (NOT private against its holders)
 
     def __call__(self, ctx: PlanContext, plan: RoundPlan, global_state: State, uploads: list[State],
                  weights: list[float]) -> State:
@@ -79,8 +79,8 @@ class UserLevelDP:
         if any(set(u) != keys for u in uploads):
             raise ValueError("user-level DP needs every client of a round to upload the same tensors")
         deltas = [clip_delta(upload_delta(u, global_state), self.clip_norm) for u in uploads]
-        gen = generator(self.seed, "server", "user-dp", ctx.round)
-        mean = noisy_mean(deltas, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, generator=gen)
+        noise = noise_stream(self.reproducible_noise, self.seed, "server", "user-dp", ctx.round)
+        mean = noisy_mean(deltas, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, noise=noise)
         private = {k: (global_state[k].to(torch.float64) + mean[k].to(global_state[k].device)).to(global_state[k].dtype)
                    for k in sorted(keys)}
         return self.inner(ctx, plan, global_state, [private], [1.0])
@@ -96,14 +96,14 @@ class UserLevelPlan:
     delta: float
     target_epsilon: float | None  # None when sigma_u was fixed by hand
 
-    def wrap(self, method: Method, *, seed: int) -> Method:
+    def wrap(self, method: Method, *, seed: int, reproducible_noise: bool = False) -> Method:
         if method.side_uploads:  # refused when the run is built, before any data or model loads
             raise ConfigError(
                 f"user-level DP cannot wrap '{method.name}': it uploads '{method.side_uploads[0]}*' values that are not "
                 "model tensors, so they would escape the clipping and noise; set privacy.user_level.enabled=false "
                 "or pick another method"
             )
-        aggregate = UserLevelDP(method.aggregate, self.clip_norm, self.noise_multiplier, seed)
+        aggregate = UserLevelDP(method.aggregate, self.clip_norm, self.noise_multiplier, seed, reproducible_noise)
         info = {**method.info, "user_level_dp": dataclasses.asdict(self)}
         return dataclasses.replace(method, aggregate=aggregate, info=info)
 
