@@ -111,7 +111,10 @@ class AdaptedModel:
         """Copy tensors into the model by parameter name (factors, or any other parameter)."""
         with torch.no_grad():
             for k, v in state.items():
-                self.named[k].copy_(v)
+                target = self.named[k]
+                if tuple(v.shape) != tuple(target.shape):  # copy_ would broadcast a (1,) tensor into every value
+                    raise ValueError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(target.shape)}")
+                target.copy_(v)
 
     def set_active(self, names: set[str] | frozenset[str]) -> None:
         for k, p in self.params.items():

@@ -15,3 +15,11 @@ class DataError(FedloraError):
 
 class BudgetExhausted(FedloraError):
     """Training would spend past a client's privacy target."""
+
+
+class Refused(FedloraError):
+    """A client refused a request from the server (weaker privacy, past its budget, keys it must not take or give)."""
+
+
+class ClientsFailed(FedloraError):
+    """Too few clients of a round succeeded, after every retry."""

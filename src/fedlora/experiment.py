@@ -8,6 +8,7 @@ from typing import Any
 
 from fedlora.config import ExperimentConfig
 from fedlora.federation.simulation import RunResult, Simulation
+from fedlora.privacy.noise import NOT_PRIVATE_WITH_CONFIG
 from fedlora.report.rundir import RunDir
 
 
@@ -20,18 +21,21 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
         eps = eps if eps is not None else 0.0  # no round ran
         privacy = f"epsilon spent {eps:.2f} <= target {sim.cfg.privacy.epsilon:g} (delta {sim.cfg.privacy.delta:g})"
         if sim.user_dp is not None:
-            privacy += f"; guarantees: {sim.guarantees(result.rounds_done)}"
+            privacy += f"; guarantees: {sim.guarantees(result.rounds_done).split('; reproducible noise')[0]}"
     elif sim.user_dp is not None:  # user-level only: say which guarantee holds, never "no DP"
         privacy = f"guarantees: {sim.guarantees(result.rounds_done)}"
     else:
         privacy = "no DP"
     if sim.method.reads_private_data:
         privacy += f"; NOT covered by the DP guarantee: {sim.method.reads_private_data}"
+    if sim.cfg.privacy.reproducible_noise and (sim.cfg.privacy.enabled or sim.user_dp is not None):
+        privacy += f"; {NOT_PRIVATE_WITH_CONFIG}"
     line = (f"{sim.method.name}: accuracy {acc:.4f} (majority class {desc['majority_rate']:.4f}) after "
             f"{result.rounds_done} rounds, {privacy}, {result.seconds:.0f} s")
     if "personal_accuracy" in final:
         line += (f"; personal accuracy {final['personal_accuracy']:.4f} (each client's own model on its own test "
-                 f"share; clients' own majority labels {desc['client_majority_rate']:.4f})")
+                 f"share" + (f"; clients' own majority labels {desc['client_majority_rate']:.4f})"
+                             if "client_majority_rate" in desc else ")"))
     if result.stop_reason:
         line += f" -- {result.stop_reason}"
     return line
@@ -50,7 +54,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
         sim.run_dir = run_dir
         not_covered = f"# NOT covered by the DP guarantee: {sim.method.reads_private_data}\n"
-        run_dir.write_config((not_covered if sim.method.reads_private_data else "") + cfg.to_yaml())
+        seeded = f"# {NOT_PRIVATE_WITH_CONFIG}\n"
+        run_dir.write_config((not_covered if sim.method.reads_private_data else "")
+                             + (seeded if cfg.privacy.reproducible_noise else "") + cfg.to_yaml())
         run_dir.write_json("setup.json", sim.describe())
     else:
         from fedlora.resume import reopen  # noqa: PLC0415
@@ -89,6 +95,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         "final": {k: v for k, v in result.final.items() if k != "privacy"},
         "privacy": sim.ledger(),
         "not_covered_by_dp": sim.method.reads_private_data or None,
+        "reproducible_noise": cfg.privacy.reproducible_noise,  # True: NOT private against anyone holding the config
         "majority_rate": sim.describe()["majority_rate"],
         "seconds": {"setup": setup_seconds, "train": result.seconds, "total": time.perf_counter() - t0},
     }

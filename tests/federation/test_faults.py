@@ -44,7 +44,7 @@ def test_thirty_percent_failures_complete_with_an_exact_ledger(tiny_cfg, kind):
         for rnd, m in enumerate(out.metrics, start=1):
             for c in m["clients"]:
                 expected[c] += 2
-            for c in injected_faults(sim, rnd, 0, list(range(10))):
+            for c in injected_faults(sim.cfg, rnd, 0, list(range(10))):
                 expected[c] += crash_step(cfg.train.seed, c, rnd, 0, 2)
         assert ledger == expected
     else:  # a timed-out or non-finite client ran (and is charged for) all its steps

@@ -44,7 +44,7 @@ def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_e
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["clients"] == [0, 1, 2] and rounds[1]["clients"] == [0, 1] and rounds[1]["failed_clients"] == [2]
     steps = {row["client"]: row["steps"] for row in rounds[-1]["privacy"]}
-    assert steps == {0: 4, 1: 4, 2: 2}  # the ledger counts exactly the steps of answered rounds
+    assert steps == {0: 4, 1: 4, 2: 4}  # every train message sent is charged: the dropped client may have run its steps
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["stop_reason"] is None
 

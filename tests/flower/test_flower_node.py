@@ -29,8 +29,8 @@ def test_the_client_app_process_imports_neither_torch_nor_transformers():
 
 @pytest.mark.slow
 def test_node_worker_answers_bit_for_bit_like_the_client_app_and_refuses_a_wrong_key(tiny_cfg, tmp_path, monkeypatch):
-    cfg = tiny_cfg(method={"name": "fedsa-lora"}, train={"threads": 1},
-                   federation={"num_clients": 2, "rounds": 1, "local_steps": 2, "min_client_size": 20})
+    cfg = tiny_cfg(method={"name": "fedsa-lora"}, train={"threads": 1},  # 2 rounds: the budget allows two trains
+                   federation={"num_clients": 2, "rounds": 2, "local_steps": 2, "min_client_size": 20})
     (tmp_path / "node.yaml").write_text(cfg.to_yaml())
     key, port = os.urandom(32).hex(), free_port()
     worker = subprocess.Popen([sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config",

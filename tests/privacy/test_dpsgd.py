@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fedlora.federation.runtime import Runtime
-from fedlora.privacy.noise import SecureNoise, SeededNoise, noise_stream
 from fedlora.privacy.dpsgd import (
     DPParams,
     add_noise,
@@ -16,6 +15,7 @@ from fedlora.privacy.dpsgd import (
     loop_per_sample,
     privatize,
 )
+from fedlora.privacy.noise import SecureNoise, SeededNoise, noise_stream
 
 
 @pytest.fixture

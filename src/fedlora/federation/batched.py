@@ -26,20 +26,21 @@ import torch
 from torch import nn
 
 from fedlora.federation.client import (
+    ClientNode,
     ClientResult,
     ClientSpec,
     ClientState,
     _optimizer,
     poisson_batch,
 )
-from fedlora.federation.faults import ClientsFailed, finite
-from fedlora.seeds import generator
+from fedlora.federation.faults import finite
+from fedlora.federation.server import RoundOutcome
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import linear_per_sample, privatize
+from fedlora.seeds import generator
 
 if TYPE_CHECKING:
     from fedlora.federation.runtime import Runtime
-    from fedlora.federation.simulation import Simulation
 
 
 class _Batched:
@@ -157,27 +158,31 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
     return results
 
 
-def train_batched(sim: Simulation, plan: RoundPlan, download: State, sampled: list[int],
-                  k: int) -> tuple[list[int], list[ClientResult], dict[str, Any]]:
-    """The round's clients, K per pass; a non-finite upload drops its client (its steps count)."""
-    fed = sim.cfg.federation
+def train_batched(nodes: list[ClientNode], rt: Runtime, method: Method, cfg, plan: RoundPlan, download: State,
+                  sampled: list[int], k: int) -> RoundOutcome:
+    """The round's clients, K per pass, each checking the request and its upload as
+    :meth:`ClientNode.train` does; a non-finite upload drops its client (its steps count)."""
+    fed = cfg.federation
     ok: dict[int, ClientResult] = {}
     failures: list[dict[str, Any]] = []
+    charged = dict.fromkeys(sampled, 0)
     for i in range(0, len(sampled), k):
-        chunk = sampled[i:i + k]
-        results = run_batched(sim.rt, sim.method, plan, download, [sim.specs[c] for c in chunk],
-                              [sim.clients[c] for c in chunk], local_steps=fed.local_steps, seed=sim.cfg.train.seed)
-        for c, res in zip(chunk, results, strict=True):
-            sim.clients[c] = res.state  # every DP step that ran is charged
+        chunk = [nodes[c] for c in sampled[i:i + k]]
+        for node in chunk:
+            node.check_plan(plan)
+            node.check_download(download)
+        results = run_batched(rt, method, plan, download, [n.spec for n in chunk], [n.state for n in chunk],
+                              local_steps=fed.local_steps, seed=cfg.train.seed)
+        for node, res in zip(chunk, results, strict=True):
+            node.check_upload(res.upload)
+            node.state = res.state  # every DP step that ran is charged
+            charged[node.cid] = fed.local_steps if node.spec.dp else 0
             if finite(res.upload):
-                ok[c] = res
+                ok[node.cid] = res
             else:
-                steps = fed.local_steps if sim.specs[c].dp else 0
-                failures.append({"client": c, "attempt": 0, "steps": steps, "reason": "non-finite upload rejected"})
-    if len(ok) < min(fed.min_clients, len(sampled)):
-        raise ClientsFailed(f"stopped in round {plan.round}: {len(ok)} of {len(sampled)} clients uploaded finite values, "
-                            f"fewer than federation.min_clients={fed.min_clients}; lower train.lr or federation.min_clients")
+                failures.append({"client": node.cid, "attempt": 0, "steps": charged[node.cid],
+                                 "reason": "non-finite upload rejected"})
     order = [c for c in sampled if c in ok]
-    info = {"failed_clients": [f["client"] for f in failures], "client_failures": failures, "attempts": 1,
-            "batched_clients": min(k, len(sampled))}
-    return order, [ok[c] for c in order], info
+    losses = [ok[c].loss for c in order if nodes[c].spec.dp is None]
+    return RoundOutcome(order, [ok[c].upload for c in order], charged, failures, 1, losses,
+                        {"batched_clients": min(k, len(sampled))})

@@ -38,13 +38,36 @@ def federation_state(sim: Simulation) -> dict[str, Any]:
     }
 
 
+def server_state(engine: Any) -> dict[str, Any]:
+    """The federation state the server side alone holds (Flower: client tensors stay on the nodes)."""
+    server = engine.server
+    return {
+        "round": server.round,
+        "config": server.cfg.model_dump(mode="json"),
+        "global_state": {k: v.cpu() for k, v in server.global_state.items()},
+        "clients": [{"local": {}, "dp_steps": steps} for steps in server.steps],
+        "memory": server.memory,
+        "metrics_rows": len(server.metrics),
+        "engine": "flower",
+    }
+
+
+def save_server_checkpoint(engine: Any, directory: Path) -> None:
+    """A checkpoint of the server's side only (the Flower engine)."""
+    _write_checkpoint(server_state(engine), engine.save_adapter, directory)
+
+
 def save_checkpoint(sim: Simulation, directory: Path) -> None:
+    _write_checkpoint(federation_state(sim), sim.save_adapter, directory)
+
+
+def _write_checkpoint(state: dict[str, Any], save_adapter: Any, directory: Path) -> None:
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        torch.save(federation_state(sim), tmp / STATE_FILE)
-        sim.save_adapter(tmp / "adapter")
+        torch.save(state, tmp / STATE_FILE)
+        save_adapter(tmp / "adapter")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay the latest
         raise

@@ -4,6 +4,14 @@ One round on one client: load what the server sent and what the client kept, run
 method's local schedule for T DP-SGD steps (Poisson sampling, per-sample clipping of the
 active tensors, Gaussian noise), and return the method's upload. The in-process engine and
 the Flower ClientApp call this same function.
+
+:class:`ClientNode` is the client's side of the trust boundary: one object per client (in a
+deployment it lives only on its node) holding its spec (its data rows, its own sigma from its
+own size and privacy config), its kept state and step budget. It checks every request before
+running it (downloads: only declared adapter keys, exact shapes, floating dtypes, never a
+backbone weight or a local-only tensor; plans: trainable keys of this adapter only; budget: no
+round past it) and lets only the method's declared upload keys leave. Under DP nothing else
+leaves: no training loss, no realised batch sizes (docs/privacy.md lists what is released).
 """
 
 from __future__ import annotations
@@ -13,11 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedlora.errors import Refused
 from fedlora.federation.runtime import Runtime
-from fedlora.seeds import generator
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import DPParams, privatize
 from fedlora.privacy.noise import NoiseSource, noise_stream
+from fedlora.seeds import generator
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,8 @@ class ClientResult:
     upload: State
     state: ClientState
     steps: int
-    loss: float  # mean training loss over the round's batches
-    examples: int  # examples the round touched (sum of batch sizes)
+    loss: float  # mean training loss over the round's batches (never released under DP)
+    examples: int  # examples the round touched (sum of batch sizes; never released under DP)
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -156,3 +165,98 @@ def run_client(
     local = {**state.local, **{k: after[k] for k in state.local if k in after}}
     new_state = ClientState(local, state.dp_steps + (local_steps if spec.dp else 0))
     return ClientResult(upload, new_state, local_steps, float(np.mean(losses)) if losses else float("nan"), examples)
+
+
+def weaker_privacy(own, asked) -> str | None:
+    """Why the privacy config ``asked`` (e.g. the one a server sends) is weaker than a node's ``own``
+    (both :class:`~fedlora.config.PrivacyConfig`); None when it is at least as strong."""
+    if not own.enabled:
+        return None
+    if not asked.enabled:
+        return "privacy.enabled=false"
+    checks = [
+        (asked.epsilon > own.epsilon, f"privacy.epsilon={asked.epsilon:g} > {own.epsilon:g}"),
+        (asked.delta > own.delta, f"privacy.delta={asked.delta:g} > {own.delta:g}"),
+        (asked.clip_norm > own.clip_norm, f"privacy.clip_norm={asked.clip_norm:g} > {own.clip_norm:g}"),
+        (asked.max_sample_rate > own.max_sample_rate, f"privacy.max_sample_rate={asked.max_sample_rate:g} > {own.max_sample_rate:g}"),
+        (asked.reproducible_noise and not own.reproducible_noise, "privacy.reproducible_noise=true"),
+        (own.noise_multiplier is not None and (asked.noise_multiplier or 0.0) < own.noise_multiplier,
+         f"privacy.noise_multiplier={asked.noise_multiplier} < {own.noise_multiplier:g}"),
+    ]
+    return next((why for bad, why in checks if bad), None)
+
+
+class ClientNode:
+    """One client's side of the trust boundary: its data rows, privacy, kept state and budget."""
+
+    def __init__(self, rt: Runtime, method: Method, spec: ClientSpec, init_local: State, *,
+                 downloadable: State, local_steps: int, seed: int) -> None:
+        """``downloadable``: the tensors (name -> value, for shape and dtype) this client accepts from the
+        server: the adapter's shared tensors, plus the frozen base weights only for methods that share them."""
+        self.rt, self.method, self.spec = rt, method, spec
+        self.local_steps, self.seed = local_steps, seed
+        self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in downloadable.items()}
+        self.local_keys = frozenset(init_local)
+        self.state = ClientState({k: v.clone() for k, v in init_local.items()})
+
+    @property
+    def cid(self) -> int:
+        return self.spec.cid
+
+    # ------------------------------------------------------------------ checks of what comes in
+    def check_download(self, download: State) -> None:
+        for k, v in download.items():
+            if k in self.local_keys:
+                raise Refused(f"client {self.cid} refused the download: '{k}' is kept on the client")
+            if k not in self.shapes:
+                raise Refused(f"client {self.cid} refused the download: '{k}' is not a shared adapter tensor")
+            shape, dtype = self.shapes[k]
+            if tuple(v.shape) != shape or v.dtype != dtype or not bool(torch.isfinite(v).all()):
+                raise Refused(f"client {self.cid} refused the download: '{k}' is {tuple(v.shape)} {v.dtype} "
+                              f"(expected {shape} {dtype}, finite)")
+
+    def check_plan(self, plan: RoundPlan) -> None:
+        trainable = set(self.rt.adapted.params)
+        if not set(plan.trainable) <= trainable:
+            bad = sorted(set(plan.trainable) - trainable)[0]
+            raise Refused(f"client {self.cid} refused the plan: '{bad}' is not a trainable adapter tensor")
+        sent_back = sorted(set(plan.download) & self.local_keys)
+        if sent_back:
+            raise Refused(f"client {self.cid} refused the plan: it would upload '{sent_back[0]}', which is kept on the client")
+        if self.spec.dp is not None and self.state.dp_steps + self.local_steps > self.spec.step_budget:
+            raise Refused(f"client {self.cid} refused round {plan.round}: {self.local_steps} more steps would pass its "
+                          f"privacy budget ({self.state.dp_steps} of {self.spec.step_budget} steps spent)")
+
+    def check_upload(self, upload: State) -> None:
+        side = self.method.side_uploads
+        for k in upload:
+            if k in self.local_keys or (k not in self.shapes and not k.startswith(side or ("\0",))):
+                raise Refused(f"client {self.cid} will not upload '{k}': the method does not declare it uploadable")
+
+    # ------------------------------------------------------------------ one round
+    def train(self, plan: RoundPlan, download: State, *, local_steps: int | None = None, commit: bool = True) -> ClientResult:
+        """Check the request, run the round, keep the new state (``commit``) and return what may leave.
+
+        Under DP the result's loss is NaN and its example count 0: neither is released."""
+        self.check_plan(plan)
+        self.check_download(download)
+        res = run_client(self.rt, self.method, plan, download, self.spec, self.state,
+                         local_steps=self.local_steps if local_steps is None else local_steps, seed=self.seed)
+        self.check_upload(res.upload)
+        if commit:
+            self.state = res.state
+        if self.spec.dp is not None:
+            res = ClientResult(res.upload, res.state, res.steps, float("nan"), 0)
+        return res
+
+    def charge(self, steps: int) -> None:
+        """Count DP steps that ran in a failed attempt (a noisy step touched the data, used or not)."""
+        if self.spec.dp is not None:
+            self.state = ClientState(self.state.local, self.state.dp_steps + steps)
+
+    def personal_accuracy(self, global_state: State, share) -> tuple[float, int]:
+        """This client's model (global + its local tensors) on its test share: (accuracy, examples)."""
+        if not len(share):
+            return 0.0, 0
+        acc = self.rt.evaluate({**global_state, **self.state.local}, self.rt.task.test.subset(share))["accuracy"]
+        return float(acc), len(share)

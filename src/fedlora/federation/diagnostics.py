@@ -159,10 +159,8 @@ def lora_scale(adapter: Any) -> float | None:
 
 
 def round_diagnostics(sim: Any, rnd: int, ctx: PlanContext, plan: RoundPlan, before: State,
-                      uploads: list[State], sizes: list[int]) -> dict[str, Any]:
-    """The diagnostic keys of one round's record (``sim``: the engine, after aggregation)."""
-    from fedlora.federation.server import aggregation_weights  # noqa: PLC0415
-
+                      uploads: list[State], weights: list[float]) -> dict[str, Any]:
+    """The diagnostic keys of one round's record (``sim``: the server side, after aggregation)."""
     cfg = sim.cfg
     out: dict[str, Any] = factor_choices(sim.method, plan, ctx.factors, cfg.federation.local_steps)
     if "modes" in plan.info:  # the method's own per-layer choice (same shape) is logged as plan_modes
@@ -171,7 +169,6 @@ def round_diagnostics(sim: Any, rnd: int, ctx: PlanContext, plan: RoundPlan, bef
         out["factor_scores"] = {k: float(v) for k, v in sorted(sim.memory["ema"].items())}
     if cfg.eval.diagnostics:
         start = time.perf_counter()
-        weights = aggregation_weights(sizes, cfg.federation.weighting)
         errors = aggregation_errors(sim.method, ctx, plan, before, uploads, weights, lora_scale(cfg.adapter))
         out.update(summarize(errors))
         out["diagnostics_seconds"] = time.perf_counter() - start

@@ -20,36 +20,29 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedlora.errors import BudgetExhausted, FedloraError
-from fedlora.federation.client import ClientResult, ClientState, run_client
-from fedlora.seeds import derive_seed
-from fedlora.federation.server import round_half_up
+from fedlora.errors import BudgetExhausted, ClientsFailed, FedloraError
+from fedlora.federation.client import ClientNode, ClientResult
+from fedlora.federation.server import RoundOutcome, round_half_up
 from fedlora.methods.base import RoundPlan, State
-
-if TYPE_CHECKING:
-    from fedlora.federation.simulation import Simulation
-
-
-class ClientsFailed(FedloraError):
-    """Too few clients of a round succeeded, after every retry."""
+from fedlora.seeds import derive_seed
 
 
 class InjectedFault(RuntimeError):
     """A failure injected by ``federation.faults``."""
 
 
-def injected_faults(sim: Simulation, rnd: int, attempt: int, clients: list[int]) -> dict[int, str]:
+def injected_faults(cfg, rnd: int, attempt: int, clients: list[int]) -> dict[int, str]:
     """Which of this attempt's clients fail, and how (seeded by seed, round, attempt)."""
-    faults = sim.cfg.federation.faults
+    faults = cfg.federation.faults
     n = round_half_up(faults.fraction * len(clients))
     if n == 0:
         return {}
-    rng = np.random.default_rng(derive_seed(sim.cfg.train.seed, "faults", rnd, attempt))
+    rng = np.random.default_rng(derive_seed(cfg.train.seed, "faults", rnd, attempt))
     return {int(c): faults.kind for c in sorted(rng.choice(clients, size=n, replace=False))}
 
 
@@ -69,22 +62,22 @@ class Outcome:
     reason: str | None = None
 
 
-def guarded_run(sim: Simulation, plan: RoundPlan, download: State, cid: int, rnd: int, attempt: int,
+def guarded_run(node: ClientNode, cfg, plan: RoundPlan, download: State, rnd: int, attempt: int,
                 fault: str | None) -> Outcome:
-    fed, seed, spec, state = sim.cfg.federation, sim.cfg.train.seed, sim.specs[cid], sim.clients[cid]
-    dp_steps = fed.local_steps if spec.dp else 0
+    fed, seed = cfg.federation, cfg.train.seed
+    dp_steps = fed.local_steps if node.spec.dp else 0
     ran = dp_steps
     start = time.perf_counter()
     try:
         if fault == "exception":
-            ran = crash_step(seed, cid, rnd, attempt, fed.local_steps)
+            ran = crash_step(seed, node.cid, rnd, attempt, fed.local_steps)
             if ran:
-                run_client(sim.rt, sim.method, plan, download, spec, state, local_steps=ran, seed=seed)
-            ran = ran if spec.dp else 0
+                node.train(plan, download, local_steps=ran, commit=False)
+            ran = ran if node.spec.dp else 0
             raise InjectedFault(f"injected failure after {ran} steps")
-        res = run_client(sim.rt, sim.method, plan, download, spec, state, local_steps=fed.local_steps, seed=seed)
+        res = node.train(plan, download, commit=False)
     except FedloraError:
-        raise  # a user error is not a client fault
+        raise  # a user error (or a refusal the server should not have caused) is not a client fault
     except Exception as err:  # noqa: BLE001  (the client is dropped, the run goes on)
         return Outcome(None, ran, f"exception: {type(err).__name__}: {err}")
     seconds = time.perf_counter() - start
@@ -97,28 +90,29 @@ def guarded_run(sim: Simulation, plan: RoundPlan, download: State, cid: int, rnd
     return Outcome(res, dp_steps)
 
 
-def run_clients(sim: Simulation, plan: RoundPlan, download: State, sampled: list[int],
-                rnd: int) -> tuple[list[int], list[ClientResult], dict[str, Any]]:
-    """Run the round's clients with drops and retries; returns the successful ones in order."""
-    fed = sim.cfg.federation
+def run_clients(nodes: list[ClientNode], cfg, plan: RoundPlan, download: State, sampled: list[int],
+                rnd: int) -> RoundOutcome:
+    """Run the round's clients with drops and retries; the successful ones in order, and every step charged."""
+    fed = cfg.federation
     ok: dict[int, ClientResult] = {}
     failures: list[dict[str, Any]] = []
+    charged = dict.fromkeys(sampled, 0)
     todo, attempt = list(sampled), 0
     while True:
-        over = [c for c in todo if sim.clients[c].dp_steps + fed.local_steps > sim.specs[c].step_budget]
+        over = [c for c in todo if nodes[c].spec.dp and nodes[c].state.dp_steps + fed.local_steps > nodes[c].spec.step_budget]
         if over and attempt > 0:
             raise BudgetExhausted(f"stopped in round {rnd}: retrying client {over[0]} would pass its "
-                                  f"epsilon={sim.cfg.privacy.epsilon} target; lower federation.retries or the fault rate")
-        plan_faults = injected_faults(sim, rnd, attempt, todo)
+                                  f"epsilon={cfg.privacy.epsilon} target; lower federation.retries or the fault rate")
+        plan_faults = injected_faults(cfg, rnd, attempt, todo)
         failed = []
         for c in todo:
-            out = guarded_run(sim, plan, download, c, rnd, attempt, plan_faults.get(c))
+            out = guarded_run(nodes[c], cfg, plan, download, rnd, attempt, plan_faults.get(c))
+            charged[c] += out.steps
             if out.result is not None:
                 ok[c] = out.result
-                sim.clients[c] = out.result.state
+                nodes[c].state = out.result.state
             else:
-                kept = sim.clients[c]
-                sim.clients[c] = ClientState(kept.local, kept.dp_steps + out.steps)
+                nodes[c].charge(out.steps)
                 failures.append({"client": c, "attempt": attempt, "steps": out.steps, "reason": out.reason})
                 failed.append(c)
         if len(ok) >= min(fed.min_clients, len(sampled)):
@@ -132,6 +126,5 @@ def run_clients(sim: Simulation, plan: RoundPlan, download: State, sampled: list
             )
         todo, attempt = failed, attempt + 1
     order = [c for c in sampled if c in ok]
-    info = {"failed_clients": sorted({f["client"] for f in failures} - set(ok)), "client_failures": failures,
-            "attempts": attempt + 1}
-    return order, [ok[c] for c in order], info
+    losses = [ok[c].loss for c in order if nodes[c].spec.dp is None]
+    return RoundOutcome(order, [ok[c].upload for c in order], charged, failures, attempt + 1, losses)

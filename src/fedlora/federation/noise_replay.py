@@ -30,11 +30,11 @@ import torch
 
 from fedlora.federation.client import ClientSpec, poisson_batch
 from fedlora.federation.runtime import Runtime
-from fedlora.seeds import generator
 from fedlora.methods.base import State
 from fedlora.methods.lowrank import lora_modules
 from fedlora.privacy.dpsgd import add_noise, clip_factors, clipped_sum
 from fedlora.privacy.noise import SeededNoise
+from fedlora.seeds import generator
 
 
 @dataclass

@@ -1,53 +1,40 @@
-"""The in-process engine: the round loop, written once against the four seams.
+"""The in-process engine: the server's side and every client's side in one process.
 
-Each round: the method plans, the server samples clients, every sampled client runs
-:func:`run_client` from the global download and its own kept state, the method aggregates,
-the server evaluates, and the round is logged (metrics, privacy ledger) and checkpointed.
+The round loop is :class:`~fedlora.federation.server.Server` (plan, sample, validate, aggregate,
+evaluate, ledger); each client is a :class:`~fedlora.federation.client.ClientNode` (its rows, its
+sigma, its state and budget); :class:`InProcessClients` is the runner between them. This module
+builds both sides from one config (the partition is drawn here, where every client's data lives)
+and keeps the old single-object view (``sim.specs``, ``sim.clients``, ``sim.global_state``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fedlora.config import ExperimentConfig
-from fedlora.errors import BudgetExhausted, ConfigError
+from fedlora.errors import ConfigError
 from fedlora.federation.batched import train_batched
-from fedlora.federation.client import ClientResult, ClientSpec, ClientState
+from fedlora.federation.client import ClientNode, ClientSpec, ClientState
 from fedlora.federation.clients_per_pass import engine_k
-from fedlora.federation.diagnostics import round_diagnostics
-from fedlora.federation.faults import ClientsFailed, run_clients
+from fedlora.federation.faults import run_clients
 from fedlora.federation.partition import label_histograms, partition
 from fedlora.federation.runtime import Runtime
-from fedlora.seeds import derive_seed
-from fedlora.federation.server import aggregate_round, sample_clients, state_bytes
+from fedlora.federation.server import ClientFacts, RoundOutcome, RunResult, Server, sample_clients
 from fedlora.methods import Method, MethodSetup, PlanContext
 from fedlora.methods.base import State
 from fedlora.methods.compose import compose_method
-from fedlora.privacy.accounting import calibrate_noise, epsilon, step_budget
+from fedlora.privacy.accounting import calibrate_noise, step_budget
 from fedlora.privacy.dpsgd import DPParams
 from fedlora.privacy.user_level import UserLevelPlan, plan_user_level
-from fedlora.report.rundir import RunDir
+from fedlora.seeds import derive_seed
 from fedlora.tasks import majority_rate
 
-
-@dataclass
-class RunResult:
-    rounds_done: int
-    metrics: list[dict[str, Any]]
-    global_state: State
-    stop_reason: str | None
-    seconds: float
-
-    @property
-    def final(self) -> dict[str, Any]:
-        evaluated = [m for m in self.metrics if "accuracy" in m]
-        return evaluated[-1] if evaluated else {}
+if TYPE_CHECKING:
+    from fedlora.report.rundir import RunDir
 
 
 def build_method_for(cfg: ExperimentConfig) -> Method:
@@ -111,15 +98,39 @@ def user_level_for(cfg: ExperimentConfig) -> UserLevelPlan | None:
                            delta=cfg.privacy.delta, clients_per_round=k, num_clients=fed.num_clients, rounds=fed.rounds)
 
 
+class InProcessClients:
+    """The in-process runner: every :class:`ClientNode` in this process, run one after another
+    (with drops and retries, ``federation/faults.py``) or K per pass (``federation/batched.py``)."""
+
+    def __init__(self, nodes: list[ClientNode], rt: Runtime, method: Method, cfg: ExperimentConfig,
+                 shares: list[np.ndarray]) -> None:
+        self.nodes, self.rt, self.method, self.cfg, self.shares = nodes, rt, method, cfg, shares
+        self.batched_k = 0  # clients per pass, 0: one after another (set by the engine: clients_per_pass.engine_k)
+
+    def train(self, plan, download: State, sampled: list[int]) -> RoundOutcome:
+        if self.batched_k:
+            return train_batched(self.nodes, self.rt, self.method, self.cfg, plan, download, sampled, self.batched_k)
+        return run_clients(self.nodes, self.cfg, plan, download, sampled, plan.round)
+
+    def personal_accuracy(self, global_state: State) -> float:
+        """Each client's own model (global state + its local tensors) on its own test share,
+        averaged with weights = share sizes."""
+        correct = total = 0.0
+        for node, share in zip(self.nodes, self.shares, strict=True):
+            acc, n = node.personal_accuracy(global_state, share)
+            correct, total = correct + acc * n, total + n
+        return correct / max(total, 1)
+
+
 class Simulation:
-    """All clients in one process, sharing one frozen backbone."""
+    """The in-process engine: every client's side and the server's side in one process, sharing one
+    frozen backbone, composed through the runner interface (no side reaches into the other)."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: RunDir | None = None, runtime: Runtime | None = None, *,
                  extra_rows: dict[int, np.ndarray] | None = None, held_out_rows: np.ndarray | None = None) -> None:
         """``extra_rows``: training-set rows added to a client's data after partitioning (audit canaries);
         ``held_out_rows``: rows no client gets. Both are left out of the partition."""
         self.cfg = cfg
-        self.run_dir = run_dir
         self.method = build_method_for(cfg)
         self.user_dp = user_level_for(cfg)
         if self.user_dp is not None:  # privatise every upload before the method aggregates
@@ -134,52 +145,122 @@ class Simulation:
                           alpha=fed.dirichlet_alpha, seed=cfg.train.seed, min_size=fed.min_client_size)
         self.parts = [np.sort(np.concatenate([pool[p], np.asarray(extra.get(c, []), np.int64)])) for c, p in enumerate(parts)]
         self.histograms = label_histograms(labels, self.parts, self.rt.task.num_labels)
-        self.specs = client_specs(cfg, self.parts)
+        specs = client_specs(cfg, self.parts)
         bases = self.rt.adapted.base_weight_names() if self.method.shares_base else []
         init = self.rt.adapted.state([*self.rt.adapted.params, *bases])  # factors (+ W0 for exact baselines)
         factors = self.rt.adapted.factors
         self.local_keys = frozenset(f.name for f in factors if f.role in self.method.local_roles)
         self.init_local = {k: init[k] for k in sorted(self.local_keys)}
-        self.global_state: State = {k: v for k, v in init.items() if k not in self.local_keys}
-        self.clients = [ClientState({k: v.clone() for k, v in self.init_local.items()}) for _ in self.specs]
+        global_state: State = {k: v for k, v in init.items() if k not in self.local_keys}
+        self.nodes = [ClientNode(self.rt, self.method, spec, self.init_local, downloadable=global_state,
+                                 local_steps=fed.local_steps, seed=cfg.train.seed) for spec in specs]
         self.shares = split_test_set(self.rt.task.test.labels, self.histograms, cfg.train.seed) if self.local_keys else []
-        self.memory: dict[str, Any] = {}
-        self.round_faults: dict[str, Any] = {}  # the last round's failed clients (federation/faults.py)
-        self.batched_k = engine_k(self)  # clients per pass, 0: one after another (federation/clients_per_pass.py)
-        self.round = 0
-        self.metrics: list[dict[str, Any]] = []
+        self.runner = InProcessClients(self.nodes, self.rt, self.method, cfg, self.shares)
+        self.server = Server(cfg, self.method, self.rt, [facts_of(s) for s in specs], global_state,
+                             local_keys=self.local_keys, init_local=self.init_local, user_dp=self.user_dp,
+                             runner=self.runner)
+        self.server.checkpoint = self.checkpoint
+        self.run_dir = run_dir
+        self.batched_k = self.runner.batched_k = engine_k(self)  # federation/clients_per_pass.py
 
-    # ------------------------------------------------------------------ reporting
+    # ------------------------------------------------------------------ the two sides, as one object
+    @property
+    def run_dir(self) -> RunDir | None:
+        return self.server.run_dir
+
+    @run_dir.setter
+    def run_dir(self, value: RunDir | None) -> None:
+        self.server.run_dir = value
+
+    @property
+    def method(self) -> Method:
+        return self._method
+
+    @method.setter
+    def method(self, method: Method) -> None:  # both sides run the same method (tests swap in spies)
+        self._method = method
+        for holder in (getattr(self, "server", None), getattr(self, "runner", None), *getattr(self, "nodes", [])):
+            if holder is not None:
+                holder.method = method
+
+    @property
+    def specs(self) -> list[ClientSpec]:
+        return [n.spec for n in self.nodes]
+
+    @specs.setter
+    def specs(self, specs: list[ClientSpec]) -> None:  # the audit swaps the mechanism's DP parameters
+        for node, spec in zip(self.nodes, specs, strict=True):
+            node.spec = spec
+
+    @property
+    def clients(self) -> list[ClientState]:
+        return [n.state for n in self.nodes]
+
+    @clients.setter
+    def clients(self, states: list[ClientState]) -> None:
+        for node, state in zip(self.nodes, states, strict=True):
+            node.state = state
+        self.server.steps = [s.dp_steps for s in states]  # in one process the ledger equals the clients' own count
+
+    @property
+    def global_state(self) -> State:
+        return self.server.global_state
+
+    @global_state.setter
+    def global_state(self, value: State) -> None:
+        self.server.global_state = value
+
+    @property
+    def memory(self) -> dict[str, Any]:
+        return self.server.memory
+
+    @property
+    def round(self) -> int:
+        return self.server.round
+
+    @round.setter
+    def round(self, value: int) -> None:
+        self.server.round = value
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.server.metrics
+
+    @metrics.setter
+    def metrics(self, value: list[dict[str, Any]]) -> None:
+        self.server.metrics = value
+
     def ledger(self) -> list[dict[str, Any]]:
-        dp = self.cfg.privacy
-        rows = []
-        for spec, state in zip(self.specs, self.clients, strict=True):
-            sigma = spec.dp.noise_multiplier if spec.dp else None
-            eps = epsilon([(sigma, spec.sample_rate, state.dp_steps)], delta=dp.delta, accountant=dp.accountant) if spec.dp else None
-            rows.append({"client": spec.cid, "examples": len(spec.indices), "epsilon": eps,
-                         "delta": dp.delta if spec.dp else None, "sigma": sigma,
-                         "sample_rate": spec.sample_rate, "steps": state.dp_steps,
-                         "step_budget": spec.step_budget, "accountant": dp.accountant if spec.dp else None})
-        return rows
+        return self.server.ledger()
 
     def guarantees(self, rounds: int) -> str:
-        """Which privacy guarantees hold after ``rounds`` rounds, in words."""
-        dp, held = self.cfg.privacy, []
-        if dp.enabled:
-            held.append(f"sample-level (epsilon <= {dp.epsilon:g} per client, delta {dp.delta:g}, {dp.accountant})")
-        if self.user_dp is not None:
-            held.append(f"user-level (epsilon {self.user_dp.epsilon(rounds):.3g} for all of a client's data, delta {dp.delta:g}, rdp)")
-        text = " and ".join(held) if held else "none (no DP)"
-        if self.method.reads_private_data:  # e.g. as-lora curvature=finite-difference
-            text += f"; NOT covered by the DP guarantee: {self.method.reads_private_data}"
-        return text
+        return self.server.guarantees(rounds)
 
+    def plan_context(self, rnd: int) -> PlanContext:
+        return self.server.plan_context(rnd)
+
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        return self.server.run_round(rnd)
+
+    def evaluate(self) -> dict[str, float]:
+        return self.server.evaluate()
+
+    def personal_accuracy(self) -> float:
+        acc = self.runner.personal_accuracy(self.global_state)
+        self.rt.adapted.load(self.init_local)
+        return acc
+
+    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+        return self.server.run(on_round)
+
+    # ------------------------------------------------------------------ reporting
     def describe(self) -> dict[str, Any]:
         return {"method": self.method.name, "clients": [len(p) for p in self.parts],
                 "label_histograms": self.histograms,
                 "majority_rate": majority_rate(self.rt.task.test.labels),
                 "trainable_parameters": int(sum(self.rt.adapted.params[k].numel() for k in self.rt.adapted.params)),
                 "dp": self.cfg.privacy.enabled,
+                "reproducible_noise": self.cfg.privacy.reproducible_noise,
                 "sigma": [s.dp.noise_multiplier if s.dp else None for s in self.specs],
                 **({"client_majority_rate": self.client_majority_rate()} if self.shares else {})}
 
@@ -189,104 +270,10 @@ class Simulation:
         hits = sum(int(np.bincount(labels[s]).max()) for s in self.shares if len(s))
         return hits / max(sum(len(s) for s in self.shares), 1)
 
-    def evaluate(self) -> dict[str, float]:
-        self.rt.adapted.load(self.init_local)
-        record = self.rt.evaluate(self.global_state)
-        if self.local_keys:
-            record["personal_accuracy"] = self.personal_accuracy()
-        return record
-
-    def personal_accuracy(self) -> float:
-        """Each client's own model (global state + its local tensors) on its own test share,
-        averaged with weights = share sizes."""
-        test, correct, total = self.rt.task.test, 0.0, 0
-        for share, client in zip(self.shares, self.clients, strict=True):
-            if len(share):
-                acc = self.rt.evaluate({**self.global_state, **client.local}, test.subset(share))["accuracy"]
-                correct, total = correct + acc * len(share), total + len(share)
-        self.rt.adapted.load(self.init_local)
-        return correct / max(total, 1)
-
-    # ------------------------------------------------------------------ one round
-    def plan_context(self, rnd: int) -> PlanContext:
-        return PlanContext(rnd, self.cfg.federation.rounds, self.rt.adapted.factors, sorted(self.global_state),
-                           self.local_keys, self.memory, self.cfg.train.seed)
-
-    def run_round(self, rnd: int) -> dict[str, Any]:
-        fed, seed = self.cfg.federation, self.cfg.train.seed
-        start = time.perf_counter()
-        ctx = self.plan_context(rnd)
-        plan = self.method.plan(ctx)
-        sampled = sample_clients(fed.num_clients, fed.clients_per_round, seed=seed, round=rnd)
-        over = [c for c in sampled if self.clients[c].dp_steps + fed.local_steps > self.specs[c].step_budget]
-        if over:
-            raise BudgetExhausted(
-                f"stopped before round {rnd}: client {over[0]} would pass its epsilon={self.cfg.privacy.epsilon} "
-                f"target (budget {self.specs[over[0]].step_budget} steps); lower rounds or fix the noise lower"
-            )
-        download = {k: self.global_state[k] for k in plan.download}
-        sampled, results = self.train_clients(plan, download, sampled)
-        uploads = [r.upload for r in results]
-        sizes = [len(self.specs[c].indices) for c in sampled]
-        before = self.global_state
-        self.global_state = aggregate_round(self.method, ctx, plan, self.global_state, uploads, sizes, fed.weighting)
-        record: dict[str, Any] = {
-            "round": rnd,
-            "clients": sampled,
-            "train_loss": float(np.nanmean([r.loss for r in results])) if results else None,
-            "bytes_up": sum(state_bytes(u) for u in uploads),
-            "bytes_down": state_bytes(download) * len(sampled),
-            **self.round_faults,
-        }
-        if rnd % self.cfg.eval.every == 0 or rnd == fed.rounds:
-            record.update(self.evaluate())
-        ledger = self.ledger()
-        eps = [row["epsilon"] for row in ledger if row["epsilon"] is not None]
-        record["epsilon"] = max(eps) if eps else None
-        record["user_epsilon"] = self.user_dp.epsilon(rnd) if self.user_dp else None
-        record["guarantees"] = self.guarantees(rnd)
-        record["privacy"] = ledger
-        record.update({f"plan_{k}": v for k, v in plan.info.items()})
-        record.update(round_diagnostics(self, rnd, ctx, plan, before, uploads, sizes))
-        record["seconds"] = time.perf_counter() - start
-        return record
-
-    def train_clients(self, plan, download: State, sampled: list[int]) -> tuple[list[int], list[ClientResult]]:
-        """Run the sampled clients; returns the clients that answered and their results (a client
-        that raises, times out or uploads non-finite values is dropped, the round retried or stopped:
-        federation/faults.py). The Flower server (fedlora.flower) replaces this with messages to SuperNodes."""
-        if self.batched_k:
-            answered, results, self.round_faults = train_batched(self, plan, download, sampled, self.batched_k)
-            return answered, results
-        answered, results, self.round_faults = run_clients(self, plan, download, sampled, plan.round)
-        return answered, results
-
-    # ------------------------------------------------------------------ the loop
-    def run(self, on_round: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-        t0 = time.perf_counter()
-        stop_reason = None
-        for rnd in range(self.round + 1, self.cfg.federation.rounds + 1):
-            try:
-                record = self.run_round(rnd)
-            except (BudgetExhausted, ClientsFailed) as err:
-                stop_reason = str(err)
-                break
-            self.round = rnd
-            self.metrics.append(record)
-            if self.run_dir is not None:
-                self.run_dir.append_metrics(record)
-                if rnd % self.cfg.output.checkpoint_every == 0 or rnd == self.cfg.federation.rounds:
-                    self.checkpoint(rnd)
-            if on_round is not None:
-                on_round(record)
-        return RunResult(self.round, self.metrics, self.global_state, stop_reason, time.perf_counter() - t0)
-
     # ------------------------------------------------------------------ persistence
     def save_adapter(self, directory) -> None:
         """The global adapter in PEFT format (local-only tensors at their initial values)."""
-        self.rt.adapted.load(self.init_local)
-        self.rt.adapted.load(self.global_state)
-        self.rt.adapted.save_pretrained(directory)
+        save_global_adapter(self.rt, self.init_local, self.global_state, directory)
 
     def checkpoint(self, rnd: int) -> None:
         from fedlora.federation.checkpoint import save_checkpoint  # noqa: PLC0415
@@ -300,6 +287,19 @@ class Simulation:
         from fedlora.federation.checkpoint import restore  # noqa: PLC0415
 
         restore(self, state, metrics)
+
+
+def facts_of(spec: ClientSpec) -> ClientFacts:
+    """The public facts of a client the server may hold (its size is released metadata)."""
+    return ClientFacts(spec.cid, len(spec.indices), spec.dp.noise_multiplier if spec.dp else None,
+                       spec.sample_rate, spec.step_budget)
+
+
+def save_global_adapter(rt: Runtime, init_local: State, global_state: State, directory) -> None:
+    """The global adapter in PEFT format (local-only tensors at their initial values)."""
+    rt.adapted.load(init_local)
+    rt.adapted.load(global_state)
+    rt.adapted.save_pretrained(directory)
 
 
 def as_cpu(state: State) -> State:

@@ -53,7 +53,8 @@ def answer(kind: str, msg: Message, context: Context, defaults: dict[str, Any]) 
     run_config = {**defaults, **context.run_config}
     node_config = dict(context.node_config)
     address = os.environ.get(WORKER_ENV)
-    if kind == "query":  # the partition id needs no model: answered at once, also while a worker still builds
+    ask = msg.content.config_records.get("ask")
+    if kind == "query" and (ask is None or ask.get("what") == "partition-id"):  # needs no model: answered at once
         if "partition-id" not in node_config:
             raise ConfigError("SuperNode has no partition-id; start it with --node-config 'partition-id=<k>'")
         content = RecordDict({"node": MetricRecord({"partition-id": int(node_config["partition-id"])})})

@@ -62,6 +62,9 @@ node-wait = 120.0
 """
 
 
+NODE_CONFIG = "node-config.yaml"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,7 +159,8 @@ class Deployment:
         env = {**self.env, WORKER_ENV: self.worker, WORKER_KEY_ENV: self.worker_key} if self.worker else None
         return self.start(name or f"supernode{k}", [
             _bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}", "--root-certificates", str(self.tls["ca"]),
-            "--auth-supernode-private-key", str(private_key), "--node-config", f"partition-id={k} num-partitions={self.num_nodes}",
+            "--auth-supernode-private-key", str(private_key), "--node-config",
+            f'partition-id={k} num-partitions={self.num_nodes} config="{self.work / NODE_CONFIG}"',
             "--port", str(free_port()), "--max-retries", "5"], env=env)
 
     def wait_for(self, ok, seconds: float, message: str) -> None:
@@ -220,9 +224,9 @@ def up(cfg: ExperimentConfig, *, min_clients: int | None = None, round_timeout: 
     n = cfg.federation.num_clients
     run_path = run_dir.path.resolve()  # the ServerApp runs in another process: it gets an absolute path
     with Deployment(run_path / "flower", n) as dep:
+        (dep.work / NODE_CONFIG).write_text(cfg.to_yaml())  # each node's own config: the privacy it enforces
         if node_workers:
-            (dep.work / "node-config.yaml").write_text(cfg.to_yaml())
-            dep.start_worker(dep.work / "node-config.yaml")
+            dep.start_worker(dep.work / NODE_CONFIG)
         dep.start_superlink()
         for k, (private, public) in enumerate(dep.keys):
             dep.register(public)

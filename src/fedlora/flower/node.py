@@ -38,36 +38,83 @@ from flwr.app import MetricRecord, RecordDict
 WORKER_ENV = "FEDLORA_NODE_WORKER"  # "127.0.0.1:<port>" of this node's worker
 WORKER_KEY_ENV = "FEDLORA_NODE_WORKER_KEY"  # hex authentication key for that connection
 
-_NODES: dict[str, Any] = {}  # config text -> Simulation (one per process; no client state in it)
+_NODES: dict[str, Any] = {}  # (config text, node config) -> this node's view (one per process)
 
 
-def view(run_config: dict[str, Any]):
-    """This process's Simulation for the run's config (built on first use)."""
-    from fedlora.federation.simulation import Simulation  # noqa: PLC0415
+def node_run_config(run_config: dict[str, Any], node_config: dict[str, Any]):
+    """The config this node runs: the server's, with the node's own privacy settings and data.
+
+    ``node_config["config"]``: the node's own fedlora YAML; its ``privacy`` section is what the node
+    enforces, and a server config asking for weaker privacy is refused. ``node_config["data"]``: a
+    local file or folder with this node's own training examples (then all of it is this client's
+    partition); without it the node takes its partition of the shared ``task.dataset`` itself."""
+    from fedlora.config import load_config  # noqa: PLC0415
+    from fedlora.errors import Refused  # noqa: PLC0415
+    from fedlora.federation.client import weaker_privacy  # noqa: PLC0415
     from fedlora.flower.messages import config_from_run  # noqa: PLC0415
 
-    text = str(run_config.get("config-yaml", ""))
-    if text not in _NODES:
+    asked = config_from_run(run_config)
+    cfg = asked
+    if node_config.get("config"):
+        own = load_config(str(node_config["config"]))
+        why = weaker_privacy(own.privacy, asked.privacy)
+        if why is not None:
+            raise Refused(f"this node refuses the server's config: {why} is weaker than its own privacy config")
+        cfg = asked.model_copy(update={"privacy": own.privacy})
+    if node_config.get("data"):
+        task = cfg.task.model_copy(update={"dataset": str(node_config["data"])})
+        fed = cfg.federation.model_copy(update={"num_clients": 1, "partition": "iid", "clients_per_round": 1.0})
+        cfg = cfg.model_copy(update={"task": task, "federation": fed})
+    return cfg
+
+
+def view(run_config: dict[str, Any], node_config: dict[str, Any] | None = None):
+    """This process's Simulation for the node's config (built on first use): the client side of its
+    partition (the node's own data, or its share of the shared source)."""
+    from fedlora.federation.simulation import Simulation  # noqa: PLC0415
+
+    node_config = dict(node_config or {})
+    key = repr((str(run_config.get("config-yaml", "")), node_config.get("config"), node_config.get("data")))
+    if key not in _NODES:
         _NODES.clear()
-        _NODES[text] = Simulation(config_from_run(run_config))
-    return _NODES[text]
+        _NODES[key] = Simulation(node_run_config(run_config, node_config))
+    return _NODES[key]
 
 
-def partition_id(sim, node_config: dict[str, Any]) -> int:
+def partition_id(sim, node_config: dict[str, Any], num_clients: int | None = None) -> int:
     from fedlora.errors import ConfigError  # noqa: PLC0415
 
     if "partition-id" not in node_config:
         raise ConfigError("SuperNode has no partition-id; start it with --node-config 'partition-id=<k>'")
     pid = int(node_config["partition-id"])
-    if not 0 <= pid < len(sim.specs):
-        raise ConfigError(f"partition-id {pid} is outside 0..{len(sim.specs) - 1}; fix the SuperNode's --node-config")
+    total = len(sim.specs) if num_clients is None else num_clients
+    if not 0 <= pid < total:
+        raise ConfigError(f"partition-id {pid} is outside 0..{total - 1}; fix the SuperNode's --node-config")
     return pid
+
+
+def client_of(sim, node_config: dict[str, Any], run_config: dict[str, Any]):
+    """(partition id, this node's ClientNode, its personal test share)."""
+    import dataclasses  # noqa: PLC0415
+
+    from fedlora.flower.messages import config_from_run  # noqa: PLC0415
+
+    num_clients = config_from_run(run_config).federation.num_clients
+    pid = partition_id(sim, node_config, num_clients)
+    if node_config.get("data"):  # the node's own file: its one client, under its partition id
+        node = sim.nodes[0]
+        if node.spec.cid != pid:
+            node.spec = dataclasses.replace(node.spec, cid=pid)
+        return pid, node, sim.shares[0] if sim.shares else []
+    return pid, sim.nodes[pid], sim.shares[pid] if sim.shares else []
 
 
 def handle(kind: str, content: RecordDict, state: RecordDict, run_config: dict[str, Any],
            node_config: dict[str, Any]) -> RecordDict:
-    """The reply's content for one message; the node's kept client state in ``state`` is updated in place."""
-    from fedlora.federation.client import run_client  # noqa: PLC0415
+    """The reply's content for one message; the node's kept client state in ``state`` is updated in place.
+
+    Under DP a train reply carries the upload and the number of DP steps only (public: fixed by the
+    schedule); the training loss and batch sizes never leave the node."""
     from fedlora.flower.messages import (  # noqa: PLC0415
         from_record,
         load_client_state,
@@ -76,26 +123,25 @@ def handle(kind: str, content: RecordDict, state: RecordDict, run_config: dict[s
         to_record,
     )
 
-    sim = view(run_config)
-    pid = partition_id(sim, node_config)
-    if kind == "query":  # which partition this node holds
-        return RecordDict({"node": MetricRecord({"partition-id": pid})})
-    client = load_client_state(state, sim.init_local)
+    sim = view(run_config, node_config)
+    pid, node, share = client_of(sim, node_config, run_config)
+    if kind == "query":
+        spec = node.spec
+        facts = {"examples": len(spec.indices), "sigma": spec.dp.noise_multiplier if spec.dp else -1.0,
+                 "sample_rate": spec.sample_rate, "step_budget": spec.step_budget}
+        return RecordDict({"node": MetricRecord({"partition-id": pid}), "facts": MetricRecord(facts)})
+    node.state = load_client_state(state, sim.init_local)
     if kind == "train":
         plan = plan_from_config(content.config_records["plan"])
         download = from_record(content.array_records["download"], sim.rt.device)
-        res = run_client(sim.rt, sim.method, plan, download, sim.specs[pid], client,
-                         local_steps=sim.cfg.federation.local_steps, seed=sim.cfg.train.seed)
-        save_client_state(state, res.state)
-        result = MetricRecord({"loss": res.loss, "examples": res.examples, "steps": res.steps})
-        return RecordDict({"upload": to_record(res.upload), "result": result})
+        res = node.train(plan, download)
+        save_client_state(state, node.state)
+        result = {"steps": res.steps} if node.spec.dp else {"steps": res.steps, "loss": res.loss, "examples": res.examples}
+        return RecordDict({"upload": to_record(res.upload), "result": MetricRecord(result)})
     if kind == "evaluate":  # personalised accuracy: the global state plus this node's local tensors
-        share = sim.shares[pid] if sim.shares else []
-        acc = 0.0
-        if len(share):
-            global_state = from_record(content.array_records["global"], sim.rt.device)
-            acc = sim.rt.evaluate({**global_state, **client.local}, sim.rt.task.test.subset(share))["accuracy"]
-        return RecordDict({"eval": MetricRecord({"accuracy": float(acc), "examples": len(share)})})
+        global_state = from_record(content.array_records["global"], sim.rt.device)
+        acc, n = node.personal_accuracy(global_state, share)
+        return RecordDict({"eval": MetricRecord({"accuracy": float(acc), "examples": n})})
     raise ValueError(f"unknown message type {kind!r}")
 
 
@@ -150,7 +196,7 @@ def serve_worker(port: int, key: bytes, config_yaml: str | None = None, partitio
             t = time.perf_counter()
             with build_slot(*(slots or (None, 0))):
                 waited = time.perf_counter() - t
-                sim = view({"config-yaml": config_yaml})
+                sim = view({"config-yaml": config_yaml}, {"partition-id": partition} if partition is not None else {})
                 dropped = keep_only(sim, partition) if partition is not None else 0
             print(f"node worker ready in {time.perf_counter() - t:.1f} s ({waited:.1f} s waiting for a build slot; "
                   f"dropped {dropped} examples of other partitions)", flush=True)

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.seeds import derive_seed, generator
 from fedlora.methods.as_lora_curvature import NOT_COVERED, curvature_option, finite_difference_score
 from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
 from fedlora.methods.registry import MethodSetup, register_method
 from fedlora.methods.seams import Joint, SendTrained, download_keys, weighted_mean
+from fedlora.seeds import derive_seed, generator
 
 SCORE = "score/"
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.seeds import generator
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
 from fedlora.methods.dp_lora import local_roles
 from fedlora.methods.lowrank import lora_modules, stack
 from fedlora.methods.registry import MethodSetup, register_method
 from fedlora.methods.seams import Joint, SendTrained, TrainRoles, weighted_mean
+from fedlora.seeds import generator
 
 
 def kaiming_a(like: torch.Tensor, *seed_parts: object) -> torch.Tensor:

@@ -27,8 +27,8 @@ import torch
 from fedlora.config import ExperimentConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.federation.runtime import Runtime
-from fedlora.seeds import derive_seed
 from fedlora.privacy.audit import epsilon_lower_bound
+from fedlora.seeds import derive_seed
 from fedlora.tasks import build_task
 from fedlora.tasks.base import ExampleSet
 

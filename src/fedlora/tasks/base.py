@@ -7,6 +7,7 @@ a test set, ``build_model()``, ``batch()``, ``loss()`` and ``evaluate()``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,12 +108,24 @@ def offline_status() -> dict[str, str]:
     return out
 
 
-def build_task(cfg: Any, seed: int) -> Task:
-    """Build the task named by ``cfg.name`` (a :class:`fedlora.config.TaskConfig`)."""
+def build_task(cfg: Any, seed: int, *, train: bool = True) -> Task:
+    """Build the task named by ``cfg.name`` (a :class:`fedlora.config.TaskConfig`).
+
+    ``train=False`` (the Flower server): the task holds no training examples. A factory that takes a
+    ``train`` keyword does not open the training data at all (the text task with a folder of
+    ``train.*``/``test.*``: only ``test.*`` is read); any other drops it after loading."""
     if cfg.name not in _TASKS:
         known = ", ".join(sorted(_TASKS))
         raise ConfigError(f"unknown task '{cfg.name}'; known tasks: {known}")
-    return _TASKS[cfg.name][0](cfg, seed)
+    factory = _TASKS[cfg.name][0]
+    if train:
+        return factory(cfg, seed)
+    if "train" in inspect.signature(factory).parameters:
+        task = factory(cfg, seed, train=False)
+    else:
+        task = factory(cfg, seed)
+    task.train = task.train.subset(np.zeros(0, np.int64))
+    return task
 
 
 def majority_rate(labels: np.ndarray) -> float:

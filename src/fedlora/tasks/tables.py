@@ -55,15 +55,15 @@ def _read_local(path: Path) -> pd.DataFrame:
         raise DataError(f"data file '{path}' could not be read as {suffix[1:]} ({err}); check its format") from None
 
 
-def _local_splits(path: Path) -> dict[str, pd.DataFrame]:
-    """A file, or a folder with train.* and test.* files."""
+def _local_splits(path: Path, need_train: bool = True) -> dict[str, pd.DataFrame]:
+    """A file, or a folder with train.* and test.* files (``need_train=False``: train.* is not read)."""
     if path.is_dir():
         found = {}
-        for split in ("train", "test", "validation"):
+        for split in ("train", "test", "validation") if need_train else ("test", "validation"):
             files = [p for p in sorted(path.glob(f"{split}.*")) if p.suffix.lower() in _LOCAL_SUFFIXES]
             if files:
                 found[split] = _read_local(files[0])
-        if "train" not in found:
+        if need_train and "train" not in found:
             raise DataError(f"folder '{path}' has no train.csv/json/parquet; add one or point at a file")
         return found
     return {"train": _read_local(path)}
@@ -123,8 +123,13 @@ def load_text_table(
     test_fraction: float,
     seed: int,
     dataset_config: str | None = None,
+    need_train: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Load ``(train, test, label_names)`` with columns ``text`` [``text_pair``] ``label``."""
+    """Load ``(train, test, label_names)`` with columns ``text`` [``text_pair``] ``label``.
+
+    ``need_train=False`` (a server that must not hold client data): from a folder only ``test.*``
+    is read, the training frame comes back empty, and the label names are the test split's
+    (so the test split must hold every label)."""
     columns = [text_column] + ([text_pair_column] if text_pair_column else [])
     if dataset == ROTTEN_TOMATOES:
         raw = pd.read_csv(rotten_tomatoes_path())
@@ -136,7 +141,7 @@ def load_text_table(
         path = Path(dataset)
         if not path.exists():
             raise DataError(f"data file '{path}' does not exist; check task.dataset")
-        splits = _local_splits(path)
+        splits = _local_splits(path, need_train)
     else:
         splits = _hub_splits(dataset, dataset_config)
 
@@ -144,7 +149,11 @@ def load_text_table(
     # GLUE-style test splits carry label -1: use the first split whose labels are all known.
     test_split = next((s for s in ("test", "validation") if s in frames and _labelled(frames[s], label_column)), None)
     frames = {s: f for s, f in frames.items() if s in ("train", test_split)}
+    if not need_train and test_split is not None:
+        frames = {test_split: frames[test_split]}
     names = _encode_labels(frames, label_column)
+    if not need_train and test_split is not None:
+        return _empty_like(frames[test_split], text_column, text_pair_column), _renamed(frames[test_split], text_column, text_pair_column), names
     train = frames["train"]
     if test_split is None:
         rng = np.random.default_rng(seed)
@@ -159,8 +168,14 @@ def load_text_table(
         raise DataError(
             f"label column '{label_column}' of '{dataset}' has a single class; classification needs at least two"
         )
+    return _renamed(train, text_column, text_pair_column), _renamed(test, text_column, text_pair_column), names
+
+
+def _renamed(df: pd.DataFrame, text_column: str, text_pair_column: str | None) -> pd.DataFrame:
     rename = {text_column: "text", **({text_pair_column: "text_pair"} if text_pair_column else {})}
     keep = ["text"] + (["text_pair"] if text_pair_column else []) + ["label"]
-    train = train.rename(columns=rename)[keep].reset_index(drop=True)
-    test = test.rename(columns=rename)[keep].reset_index(drop=True)
-    return train, test, names
+    return df.rename(columns=rename)[keep].reset_index(drop=True)
+
+
+def _empty_like(df: pd.DataFrame, text_column: str, text_pair_column: str | None) -> pd.DataFrame:
+    return _renamed(df, text_column, text_pair_column).iloc[:0]

@@ -122,7 +122,8 @@ def layer_list(encoder: nn.Module) -> nn.ModuleList:
 class TextClassificationTask(PrefixCachedClassification):
     name = "text-classification"
 
-    def __init__(self, cfg: Any, seed: int) -> None:
+    def __init__(self, cfg: Any, seed: int, *, train: bool = True) -> None:
+        """``train=False``: no training examples (a folder's ``train.*`` is never opened)."""
         from transformers import AutoTokenizer  # noqa: PLC0415
 
         self.cfg = cfg
@@ -135,6 +136,7 @@ class TextClassificationTask(PrefixCachedClassification):
             test_fraction=cfg.test_fraction,
             seed=seed,
             dataset_config=cfg.dataset_config,
+            need_train=train,
         )
         if cfg.max_train_examples is not None and len(train) > cfg.max_train_examples:
             train = train.sample(n=cfg.max_train_examples, random_state=seed).reset_index(drop=True)
@@ -150,6 +152,8 @@ class TextClassificationTask(PrefixCachedClassification):
         self.prefix_start = 0  # > 0: batches carry hidden states cached at this layer's input
 
     def _encode(self, df: Any) -> ExampleSet:
+        if len(df) == 0:  # the Flower server's training split
+            return ExampleSet({"input_ids": []}, np.zeros(0, np.int64))
         pair = df["text_pair"].tolist() if "text_pair" in df else None
         enc = self.tokenizer(df["text"].tolist(), pair, truncation=True, max_length=self.cfg.max_length)
         features = {"input_ids": [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]}
@@ -245,5 +249,5 @@ def offline_missing() -> str | None:
 
 @register_task("text-classification", "sentence (or sentence-pair) classification; offline: MiniLM on Rotten Tomatoes",
                offline=offline_missing)
-def _text_task(cfg: Any, seed: int) -> TextClassificationTask:
-    return TextClassificationTask(cfg, seed)
+def _text_task(cfg: Any, seed: int, train: bool = True) -> TextClassificationTask:
+    return TextClassificationTask(cfg, seed, train=train)
