@@ -174,16 +174,19 @@ def weaker_privacy(own, asked) -> str | None:
         return None
     if not asked.enabled:
         return "privacy.enabled=false"
-    checks = [
-        (asked.epsilon > own.epsilon, f"privacy.epsilon={asked.epsilon:g} > {own.epsilon:g}"),
-        (asked.delta > own.delta, f"privacy.delta={asked.delta:g} > {own.delta:g}"),
-        (asked.clip_norm > own.clip_norm, f"privacy.clip_norm={asked.clip_norm:g} > {own.clip_norm:g}"),
-        (asked.max_sample_rate > own.max_sample_rate, f"privacy.max_sample_rate={asked.max_sample_rate:g} > {own.max_sample_rate:g}"),
-        (asked.reproducible_noise and not own.reproducible_noise, "privacy.reproducible_noise=true"),
-        (own.noise_multiplier is not None and (asked.noise_multiplier or 0.0) < own.noise_multiplier,
-         f"privacy.noise_multiplier={asked.noise_multiplier} < {own.noise_multiplier:g}"),
-    ]
-    return next((why for bad, why in checks if bad), None)
+    if asked.epsilon > own.epsilon:
+        return f"privacy.epsilon={asked.epsilon:g} > {own.epsilon:g}"
+    if asked.delta > own.delta:
+        return f"privacy.delta={asked.delta:g} > {own.delta:g}"
+    if asked.clip_norm > own.clip_norm:
+        return f"privacy.clip_norm={asked.clip_norm:g} > {own.clip_norm:g}"
+    if asked.max_sample_rate > own.max_sample_rate:
+        return f"privacy.max_sample_rate={asked.max_sample_rate:g} > {own.max_sample_rate:g}"
+    if asked.reproducible_noise and not own.reproducible_noise:
+        return "privacy.reproducible_noise=true"
+    if own.noise_multiplier is not None and (asked.noise_multiplier or 0.0) < own.noise_multiplier:
+        return f"privacy.noise_multiplier={asked.noise_multiplier} < {own.noise_multiplier:g}"
+    return None
 
 
 class ClientNode:

@@ -49,9 +49,12 @@ def ask_worker(address: str, kind: str, content: RecordDict, state: RecordDict, 
     return reply[1], reply[2]
 
 
-def answer(kind: str, msg: Message, context: Context, defaults: dict[str, Any]) -> Message:
+def answer(kind: str, msg: Message, context: Context, defaults: dict[str, Any],
+           node_settings: dict[int, dict[str, Any]] | None = None) -> Message:
     run_config = {**defaults, **context.run_config}
     node_config = dict(context.node_config)
+    if node_settings and "partition-id" in node_config:  # per-partition node settings (a simulation's own data files)
+        node_config.update(node_settings.get(int(node_config["partition-id"]), {}))
     address = os.environ.get(WORKER_ENV)
     ask = msg.content.config_records.get("ask")
     if kind == "query" and (ask is None or ask.get("what") == "partition-id"):  # needs no model: answered at once
@@ -72,25 +75,27 @@ def answer(kind: str, msg: Message, context: Context, defaults: dict[str, Any]) 
     return Message(content, reply_to=msg)
 
 
-def build_client_app(defaults: dict[str, Any] | None = None) -> ClientApp:
+def build_client_app(defaults: dict[str, Any] | None = None,
+                     node_settings: dict[int, dict[str, Any]] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` fill run-config keys the run does not set (Flower's Python simulation API
-    has no run config)."""
+    has no run config); ``node_settings``: extra node-config keys per partition id (e.g. ``data``: that
+    node's own training file, ``config``: its own privacy config), as a real SuperNode's --node-config gives."""
     defaults = dict(defaults or {})
     app = ClientApp()
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Tell the server which partition this node holds."""
-        return answer("query", msg, context, defaults)
+        return answer("query", msg, context, defaults, node_settings)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return answer("train", msg, context, defaults)
+        return answer("train", msg, context, defaults, node_settings)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Personalised accuracy: the global state plus this node's local tensors on its test share."""
-        return answer("evaluate", msg, context, defaults)
+        return answer("evaluate", msg, context, defaults, node_settings)
 
     return app
 

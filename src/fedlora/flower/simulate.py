@@ -26,9 +26,10 @@ def run_config_for(cfg: ExperimentConfig, run_dir: Path, *, min_clients: int | N
 
 
 def simulate(cfg: ExperimentConfig, run_dir: Path, *, min_clients: int | None = None, cpus: int = 2,
-             server_app: Any = None) -> Path:
+             server_app: Any = None, node_settings: dict[int, dict[str, Any]] | None = None) -> Path:
     """Run ``cfg`` through ``flwr.simulation.run_simulation`` with one virtual SuperNode per client.
-    ``server_app``: a ServerApp to use instead of fedlora's (tests wrap the grid to read every message)."""
+    ``server_app``: a ServerApp to use instead of fedlora's (tests wrap the grid to read every message);
+    ``node_settings``: extra node-config keys per partition id (each node's own ``data`` and ``config``)."""
     flower_env(run_dir.parent / ".flwr")
     from flwr.simulation import run_simulation  # noqa: PLC0415
 
@@ -39,6 +40,6 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, *, min_clients: int | None = 
     threads = cfg.train.threads or 1
     backend = {"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False}}
-    run_simulation(server_app or build_server_app(run_config), build_client_app(run_config),
+    run_simulation(server_app or build_server_app(run_config), build_client_app(run_config, node_settings),
                    num_supernodes=cfg.federation.num_clients, backend_config=backend)
     return run_dir
