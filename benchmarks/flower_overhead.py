@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--without-workers", action="store_true", help="also time the deployment without node workers")
     args = ap.parse_args()
-    from fedlora.cli import quiet_libraries  # noqa: PLC0415
+    from fedlora.console import quiet_libraries  # noqa: PLC0415
     from fedlora.flower.deploy import up  # noqa: PLC0415
 
     quiet_libraries()

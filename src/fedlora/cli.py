@@ -5,68 +5,21 @@ Errors a user can cause are printed in one line (problem and fix) with exit code
 
 from __future__ import annotations
 
-import errno
-import functools
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from fedlora.errors import FedloraError
+from fedlora.console import overrides as _overrides
+from fedlora.console import quiet_libraries, user_errors
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Differentially private federated fine-tuning with LoRA adapters.")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """Turn a FedloraError into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FedloraError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except OSError as err:  # a full or read-only disk: earlier outputs stay as they were
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise
-            where = f" '{err.filename}'" if err.filename else ""
-            typer.echo(f"error: cannot write{where} ({err.strerror or os.strerror(err.errno)}); free disk space or "
-                       "choose another output.root, then `fedlora run --resume RUN_DIR`", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def quiet_libraries() -> None:
-    """Library progress bars and warnings would break the one-line summary/error contract."""
-    import warnings  # noqa: PLC0415
-
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", module="opacus")
-    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-
-
-def _overrides(pairs: list[str], flags: dict[str, Any]) -> dict[str, Any]:
-    from fedlora.config import parse_override  # noqa: PLC0415
-
-    out = dict(parse_override(p) for p in pairs)
-    out.update({k: v for k, v in flags.items() if v is not None})
-    return out
 
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (defaults for every key left out)")]

@@ -15,19 +15,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fedlora.errors import FedloraError
 
-if TYPE_CHECKING:
-    from fedlora.federation.simulation import Simulation
-
 STATE_FILE = "federation.pt"
 
 
-def federation_state(sim: Simulation) -> dict[str, Any]:
+def federation_state(sim: Any) -> dict[str, Any]:
     return {
         "round": sim.round,
         "config": sim.cfg.model_dump(mode="json"),
@@ -57,7 +54,7 @@ def save_server_checkpoint(engine: Any, directory: Path) -> None:
     _write_checkpoint(server_state(engine), engine.save_adapter, directory)
 
 
-def save_checkpoint(sim: Simulation, directory: Path) -> None:
+def save_checkpoint(sim: Any, directory: Path) -> None:
     _write_checkpoint(federation_state(sim), sim.save_adapter, directory)
 
 
@@ -114,7 +111,7 @@ def latest_checkpoint(checkpoints: Path) -> tuple[dict[str, Any] | None, list[st
     return None, notes
 
 
-def restore(sim: Simulation, state: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> None:
+def restore(sim: Any, state: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> None:
     """Put a loaded checkpoint's federation state into a freshly built simulation; ``metrics``:
     the run's first ``state["metrics_rows"]`` records (None: start the in-memory list empty)."""
     saved, current = state["config"], sim.cfg.model_dump(mode="json")

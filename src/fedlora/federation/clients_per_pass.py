@@ -20,13 +20,12 @@ from fedlora.methods.seams import AlternateRounds, Joint
 
 if TYPE_CHECKING:
     from fedlora.federation.runtime import Runtime
-    from fedlora.federation.simulation import Simulation
 
 STATELESS_SCHEDULES = (Joint, AlternateRounds, AlternateSteps)  # exact types: no per-client history
 CPU_PASS_BYTES = 128 << 20  # most activation bytes of one batched pass on CPU (auto)
 
 
-def unbatchable(sim: Simulation) -> str | None:
+def unbatchable(sim: Any) -> str | None:
     """Why this run's clients cannot share a pass (None: they can)."""
     cfg, rt = sim.cfg, sim.rt
     if cfg.federation.faults.fraction > 0:
@@ -80,7 +79,7 @@ def activation_bytes(rt: Runtime, row: int = 0) -> int:
     return total
 
 
-def auto_k(sim: Simulation) -> int:
+def auto_k(sim: Any) -> int:
     """K = floor(0.5 x free memory / per-client bytes), in [1, clients per round].
 
     Per-client bytes = expected batch (largest client) x (3 x activation bytes of one example
@@ -99,7 +98,7 @@ def auto_k(sim: Simulation) -> int:
     return int(max(1, min(cap, 0.5 * _available_bytes(rt.device) // max(per_client, 1))))
 
 
-def engine_k(sim: Simulation) -> int:
+def engine_k(sim: Any) -> int:
     """The clients per pass for ``federation.batched_clients`` (0: sequential)."""
     want = sim.cfg.federation.batched_clients
     if want == 0 or want == 1:

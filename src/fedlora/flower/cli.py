@@ -14,8 +14,8 @@ MinOpt = Annotated[int | None, typer.Option("--min-clients", help="fewest answer
 
 
 def _config(config: Path | None, set_: list[str] | None):
-    from fedlora.cli import _overrides, quiet_libraries  # noqa: PLC0415
     from fedlora.config import load_config  # noqa: PLC0415
+    from fedlora.console import overrides, quiet_libraries  # noqa: PLC0415
     from fedlora.errors import ConfigError  # noqa: PLC0415
 
     try:
@@ -23,7 +23,7 @@ def _config(config: Path | None, set_: list[str] | None):
     except ImportError:
         raise ConfigError("Flower is not installed; run `pip install 'fedlora[flower]'`") from None
     quiet_libraries()
-    return load_config(config, _overrides(set_ or [], {}))
+    return load_config(config, overrides(set_ or [], {}))
 
 
 def _summary(run_dir: Path) -> None:
@@ -44,7 +44,7 @@ def up(
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, SuperNode authentication),
     run the experiment, stop every process; writes the usual run directory."""
-    from fedlora.cli import user_errors  # noqa: PLC0415
+    from fedlora.console import user_errors  # noqa: PLC0415
 
     @user_errors
     def go() -> None:
@@ -63,7 +63,7 @@ def sim(
     min_clients: MinOpt = None,
 ) -> None:
     """Run the experiment on Flower's simulation runtime (Ray), one virtual SuperNode per client."""
-    from fedlora.cli import user_errors  # noqa: PLC0415
+    from fedlora.console import user_errors  # noqa: PLC0415
 
     @user_errors
     def go() -> None:

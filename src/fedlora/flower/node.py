@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--build-slots", type=Path, help="a folder for the build locks shared by a machine's workers")
     ap.add_argument("--slots", type=int, default=2, help="how many workers may build at once")
     args = ap.parse_args(argv)
-    from fedlora.cli import quiet_libraries  # noqa: PLC0415
+    from fedlora.console import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
     key = bytes.fromhex(os.environ[WORKER_KEY_ENV])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 from fedlora.config import ExperimentConfig, build_config, load_config
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.methods.registry import METHOD_DEFAULTS
+from fedlora.report.cells import read_summary, run_cell
 from fedlora.report.runtime_pool import RuntimePool
 from fedlora.report.table import write_tables
 
@@ -115,24 +115,6 @@ def prepare_dir(grid: Grid) -> None:
         raise FedloraError(f"'{grid.root}' exists and is not a compare directory; choose another --name")
     grid.root.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(json.loads(json.dumps(grid.spec)), sort_keys=False), encoding="utf-8")
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def run_cell(cfg: ExperimentConfig, pool: RuntimePool) -> dict[str, Any]:
-    """One cell: skipped when finished, redone from scratch when half-finished."""
-    from fedlora.experiment import run_experiment  # noqa: PLC0415
-
-    run_dir = Path(cfg.output.root) / str(cfg.output.name)
-    done = read_summary(run_dir)
-    if done is not None:
-        return done
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    return run_experiment(cfg, progress=False, runtime=pool.get(cfg))
 
 
 def run_compare(grid: Grid, *, progress: bool = True, workers: int = 1) -> dict[str, Any]:

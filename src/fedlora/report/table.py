@@ -45,7 +45,7 @@ def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | No
     seed (the test split is drawn per seed, so its majority-class rate differs between seeds):
     'majority' (the test set's majority class) and 'client_majority' (each client predicting its own
     test share's majority label, logged by runs that evaluate personalised models)."""
-    from fedlora.report.compare import read_summary  # noqa: PLC0415
+    from fedlora.report.cells import read_summary  # noqa: PLC0415
 
     groups: dict[tuple[str, float | None], list[tuple[Path, dict[str, Any]]]] = {}
     baselines: Baselines = {"majority": {}, "client_majority": {}}

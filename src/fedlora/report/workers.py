@@ -27,14 +27,14 @@ def shards(configs: list[ExperimentConfig], workers: int) -> list[list[Experimen
 def _init_worker(threads: int) -> None:
     import torch  # noqa: PLC0415
 
-    from fedlora.cli import quiet_libraries  # noqa: PLC0415
+    from fedlora.console import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()  # as in the parent: no library progress bars or warnings
     torch.set_num_threads(threads)  # a run with train.threads set overrides this in Runtime
 
 
 def _run_shard(dumps: list[dict[str, Any]]) -> int:
-    from fedlora.report.compare import run_cell  # noqa: PLC0415
+    from fedlora.report.cells import run_cell  # noqa: PLC0415
     from fedlora.report.runtime_pool import RuntimePool  # noqa: PLC0415
 
     pool = RuntimePool()
