@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fedlora.cli import app
 from fedlora.config import build_config
 from fedlora.federation.simulation import Simulation
-from fedlora.privacy.canaries import best_guess_bound, concat_examples, make_canaries, run_audit
+from fedlora.audit.canaries import best_guess_bound, concat_examples, make_canaries, run_audit
 from fedlora.tasks import build_task
 from tests.conftest import VOCAB, tiny_tree
 
