@@ -1,4 +1,5 @@
-"""The statistics of a one-run privacy audit (Steinke, Nasr, Jagielski, NeurIPS 2023).
+"""The statistics of the privacy audits: the one-run bound (Steinke, Nasr, Jagielski, NeurIPS 2023)
+and Gaussian-DP (Dong, Roth, Su 2022) estimates. Pure math; the audits themselves are in ``audit/``.
 
 m canaries are each included in training with probability 1/2; after training the auditor
 scores them and guesses "in" for the k+ highest scores and "out" for the k- lowest,
@@ -11,7 +12,9 @@ largest rejected epsilon is an empirical lower bound on the epsilon training act
 This module holds the bound only; ``delta`` is ignored (the paper's delta correction lowers
 the bound by an amount of order m * delta, negligible at delta = 1e-5 and m in the hundreds).
 The training side of the audit (canaries inserted into one client, membership scores, the
-choice of k+ and k-) is in ``audit/canaries.py``; see docs/privacy.md.
+choice of k+ and k-) is in ``audit/canaries.py``; the white-box audit is ``audit/whitebox.py``
+(see docs/privacy.md). Gaussian DP, below: ``gdp_epsilon`` converts mu-GDP to epsilon at a delta,
+``gdp_mu_lower`` fits mu to in/out scores with a one-sided bootstrap confidence limit.
 """
 
 from __future__ import annotations
