@@ -139,3 +139,20 @@ def test_cli_mutations_prints_the_table_and_writes_json(tiny_model_dir, tiny_csv
     wb = CliRunner().invoke(app, ["audit", str(path), "--white-box", "--name", "w"])
     assert wb.exit_code == 0 and wb.output.startswith("white-box audit: epsilon >= ") and "consistent" in wb.output
 
+
+
+def test_cli_audit_rejects_bad_epsilons_in_one_line(tmp_path):
+    from fedlora.cli import app
+
+    for args in (["--mutations", "--epsilons", "0,3"], ["--mutations", "--epsilons", "x"], ["--epsilons", "3"]):
+        result = CliRunner().invoke(app, ["audit", *args])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_white_box_canaries_sit_on_released_tensors_and_need_dp(tiny_cfg):
+    from fedlora.errors import ConfigError
+
+    col = collect(tiny_cfg(method={"name": "fedsa-lora"}, federation={"rounds": 1, "local_steps": 2}))
+    assert col.names and all("lora_A" in n for n in col.names)  # FedSA keeps B and the head on the client
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        collect(tiny_cfg(privacy={"enabled": False}))

@@ -79,13 +79,13 @@ MUTATIONS: tuple[Mutation, ...] = (
 
 
 def mutation_rows(col: Collected, epsilons: list[float], *, confidence: float = 0.95, repeats: int | None = None,
-                  canaries: int | None = None) -> list[dict[str, Any]]:
+                  canaries: int | None = None, mutations: tuple[Mutation, ...] | list[Mutation] = MUTATIONS) -> list[dict[str, Any]]:
     """One row per (epsilon, mutation): claimed epsilon, measured lower bound, verdict, and whether it is right."""
     rows = []
     extra = {} if repeats is None else {"repeats": repeats}
     for eps in epsilons:
         dp = dp_at(col, eps)
-        for mut in MUTATIONS:
+        for mut in mutations:
             r = replay(col, dp, mechanism=mut.mechanism, mechanism_dp=mut.mechanism_dp(dp),
                        reproducible_noise=mut.reproducible_noise, auditor_knows_seed=mut.reproducible_noise,
                        claim_steps=mut.claim_steps(len(col.steps)), canaries=canaries, confidence=confidence, **extra)

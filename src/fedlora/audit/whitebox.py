@@ -152,6 +152,9 @@ def collect(cfg: ExperimentConfig, *, client: int | None = None) -> Collected:
             store: list[Grads] = []
             with _capture(store):
                 grads, _ = local_gradients(rt, spec, rows, active, noise)
+            if len(store) != 1:
+                raise RuntimeError("local_gradients did not call fedlora.federation.client.privatize once; "
+                                   "the white-box audit's capture (audit/whitebox.py) must follow the client code")
             steps.append((rnd, {k: v.cpu() for k, v in store[0].items()}))
             active_sets.append(set(active))
             grads = method.schedule.transform(grads, plan, step)
