@@ -96,23 +96,54 @@ def account(
 def audit(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    canaries: Annotated[int, typer.Option(help="canaries M; each goes into one client with probability 1/2")] = 200,
+    canaries: Annotated[int | None, typer.Option(help="canaries M (black-box default 200: each goes into one client "
+                                                       "with probability 1/2; white-box default: 85% of the active coordinates)")] = None,
     confidence: Annotated[float, typer.Option(help="confidence of the lower bound, in (0, 1)")] = 0.95,
-    client: Annotated[int, typer.Option(help="the client that receives the canaries")] = 0,
+    client: Annotated[int | None, typer.Option(help="the client that receives the canaries (black-box default 0; "
+                                                    "white-box default: the largest sampling rate)")] = None,
     name: Annotated[str | None, typer.Option(help="run directory name under output.root")] = None,
+    white_box: Annotated[bool, typer.Option("--white-box", help="Dirac gradient canaries at the DP step, scored on "
+                                                                 "the released gradients (audit/whitebox.py)")] = False,
+    mutations: Annotated[bool, typer.Option("--mutations", help="the white-box audit against deliberately broken "
+                                                                "mechanisms and the honest one: a table (mutations.json)")] = False,
+    epsilons: Annotated[str | None, typer.Option(help="--mutations: comma-separated target epsilons (default: the config's)")] = None,
 ) -> None:
-    """Empirical privacy audit: train once with canaries, print a lower bound on epsilon (audit.json)."""
+    """Empirical privacy audit: a lower bound on epsilon against the claim (black-box canaries by default)."""
     from fedlora.config import load_config  # noqa: PLC0415
+    from fedlora.errors import ConfigError  # noqa: PLC0415
 
     if not 0 < confidence < 1:
-        from fedlora.errors import ConfigError  # noqa: PLC0415
-
         raise ConfigError(f"--confidence must be in (0, 1) (got {confidence}); 0.95 is usual")
+    eps_list = None
+    if epsilons is not None:
+        try:
+            eps_list = [float(e) for e in epsilons.split(",") if e.strip()]
+        except ValueError:
+            raise ConfigError(f"--epsilons must be comma-separated numbers (got '{epsilons}'), e.g. 1,3,8") from None
+        if not eps_list or any(e <= 0 for e in eps_list):
+            raise ConfigError(f"--epsilons must be numbers > 0 (got '{epsilons}'), e.g. 1,3,8")
+        if not mutations:
+            raise ConfigError("--epsilons goes with --mutations")
     cfg = load_config(config, _overrides(set_ or [], {"output.name": name}))
     quiet_libraries()
-    from fedlora.privacy.canaries import run_audit  # noqa: PLC0415
+    if mutations:
+        from fedlora.audit.mutations import run_mutations  # noqa: PLC0415
 
-    result = run_audit(cfg, canaries=canaries, confidence=confidence, client=client)
+        result = run_mutations(cfg, epsilons=eps_list, client=client, confidence=confidence, canaries=canaries)
+        verdict = "every broken mechanism flagged, the honest one not" if result["all_flagged_correctly"] else \
+            "SOME ROWS ARE WRONG (see the table)"
+        typer.echo(result["table"])
+        typer.echo(f"mutation audit: {verdict}; {result['seconds']:.0f} s; run directory: {result['run_dir']}")
+        return
+    if white_box:
+        from fedlora.audit.whitebox import run_whitebox  # noqa: PLC0415
+
+        result = run_whitebox(cfg, client=client, confidence=confidence, canaries=canaries)
+    else:
+        from fedlora.audit.canaries import run_audit  # noqa: PLC0415
+
+        result = run_audit(cfg, canaries=200 if canaries is None else canaries, confidence=confidence,
+                           client=0 if client is None else client)
     typer.echo(f"{result['line']}; run directory: {result['run_dir']}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,10 +20,18 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from fedlora.audit.canaries import (
+    best_guess_bound,
+    claimed_epsilon,
+    concat_examples,
+    make_canaries,
+    refuse_unreleased,
+    run_audit,
+)
 from fedlora.cli import app
 from fedlora.config import build_config
+from fedlora.errors import ConfigError
 from fedlora.federation.simulation import Simulation
-from fedlora.privacy.canaries import best_guess_bound, concat_examples, make_canaries, run_audit
 from fedlora.tasks import build_task
 from tests.conftest import VOCAB, tiny_tree
 
@@ -123,3 +132,22 @@ def test_cli_audit_prints_one_line_and_writes_audit_json(audit_files, tmp_path):
     assert plain.exit_code == 0 and "no DP claimed" in plain.output, plain.output
     bad = CliRunner().invoke(app, ["audit", str(path), "--canaries", "1", "--name", "b"])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: --canaries must be at least 2"), bad.output
+
+
+def test_black_box_audit_refuses_a_method_whose_global_model_ignores_the_uploads(audit_files, tmp_path):
+    tree = _tree(audit_files, tmp_path)
+    tree["method"] = {"name": "fedsa-lora"}  # B stays on the clients, 0 globally: the global model ignores A
+    with pytest.raises(ConfigError) as err:
+        run_audit(build_config(tree), canaries=20, write=False)
+    message = str(err.value)
+    assert "\n" not in message and "fedsa-lora" in message and "--white-box" in message
+    refuse_unreleased(build_config(_tree(audit_files, tmp_path)))  # dp-lora: audited as before
+
+
+def test_user_level_claim_is_that_of_changing_one_users_data():
+    sim = SimpleNamespace(cfg=SimpleNamespace(privacy=SimpleNamespace(enabled=False)),
+                          user_dp=SimpleNamespace(epsilon=lambda rounds: 1.5))
+    claimed, unit = claimed_epsilon(sim, 0, 3)
+    assert claimed == 3.0 and "2 x epsilon_user" in unit  # replace one user = remove + add
+    none = SimpleNamespace(cfg=SimpleNamespace(privacy=SimpleNamespace(enabled=False)), user_dp=None)
+    assert claimed_epsilon(none, 0, 3) == (None, "none")

@@ -116,6 +116,7 @@ def run_audit(cfg: ExperimentConfig, *, canaries: int, confidence: float = 0.95,
         raise ConfigError(f"--canaries must be at least 2 (got {canaries}); hundreds are needed for a useful bound")
     if not 0 <= client < cfg.federation.num_clients:
         raise ConfigError(f"--client {client} is not a client of this run (0..{cfg.federation.num_clients - 1})")
+    refuse_unreleased(cfg)
     if write:
         RunDir.check_free(cfg.output.root, cfg.output.name)
     task = build_task(cfg.task, cfg.train.seed)
@@ -151,12 +152,30 @@ def run_audit(cfg: ExperimentConfig, *, canaries: int, confidence: float = 0.95,
     return audit
 
 
+def refuse_unreleased(cfg: ExperimentConfig) -> None:
+    """The black-box audit scores the global model. Refuse a method that keeps the B side (LoRA's B,
+    VeRA's lambda_b) on the clients: B starts at zero and stays at zero globally, so the global model's
+    output does not depend on the released A at all and the audit could only ever say "consistent"."""
+    from fedlora.federation.simulation import build_method_for  # noqa: PLC0415
+
+    method = build_method_for(cfg)
+    if "B" in method.local_roles:
+        raise ConfigError(
+            f"the black-box audit scores the global model, which for method '{method.name}' does not depend on "
+            "what clients release (B stays on the clients and is 0 globally): use `fedlora audit --white-box`, "
+            "which scores the released gradients")
+
+
 def claimed_epsilon(sim: Any, client: int, rounds: int) -> tuple[float | None, str]:
-    """The epsilon the run claims for one example of the canary client."""
+    """The epsilon the run claims for the adjacency the audit tests: one canary in or out of the canary client.
+
+    Sample-level DP: one example of that client (add/remove), the ledger's epsilon. User-level DP
+    alone: adding or removing one canary *changes* one user's data, which is a remove plus an add of
+    that user under the add/remove adjacency the accountant uses: 2 x epsilon_user (group privacy)."""
     if sim.cfg.privacy.enabled:
         return sim.ledger()[client]["epsilon"], "sample-level"
     if sim.user_dp is not None:
-        return sim.user_dp.epsilon(rounds), "user-level"
+        return 2 * sim.user_dp.epsilon(rounds), "user-level (one user's data changed: 2 x epsilon_user)"
     return None, "none"
 
 
@@ -169,4 +188,4 @@ def audit_line(a: dict[str, Any]) -> str:
             f"{a['client']}); {claimed} (delta {a['delta']:g}){verdict}")
 
 
-__all__ = ["best_guess_bound", "concat_examples", "make_canaries", "run_audit"]
+__all__ = ["best_guess_bound", "claimed_epsilon", "concat_examples", "make_canaries", "refuse_unreleased", "run_audit"]
