@@ -73,3 +73,15 @@ def test_personal_methods_are_drawn_with_their_personal_accuracy(tmp_path: Path)
     assert mean_curves([tmp_path / personal.name], "personal_accuracy") == ([1, 2], [pytest.approx(0.8), pytest.approx(0.9)])
     write_tables(grid)
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 1000
+
+
+def test_rows_of_runs_with_reproducible_noise_are_marked_not_private(tmp_path: Path) -> None:
+    cells = [Cell("dp-lora", 3.0, 0), Cell("ffa-lora", 3.0, 0)]
+    grid = Grid(tmp_path, {"methods": ["dp-lora", "ffa-lora"], "seeds": 1}, [(c, None) for c in cells])
+    for cell in cells:
+        _finished(tmp_path, cell, 0.6, [0.1])
+    seeded = tmp_path / cells[1].name / "summary.json"
+    seeded.write_text(json.dumps({**json.loads(seeded.read_text()), "reproducible_noise": True}))
+    md = write_tables(grid)["markdown"]
+    assert "| ffa-lora (†) | 3 |" in md and "| dp-lora | 3 |" in md
+    assert "(†) reproducible noise: NOT private against anyone who holds the config" in md

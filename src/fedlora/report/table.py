@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from fedlora.privacy.noise import NOT_PRIVATE_WITH_CONFIG
 from fedlora.report.rundir import read_metrics
 
 COLUMNS = ["method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "personal_accuracy_mean",
-           "personal_accuracy_std", "epsilon_spent", "aggregation_error", "rounds", "seconds"]
+           "personal_accuracy_std", "epsilon_spent", "aggregation_error", "rounds", "seconds", "reproducible_noise"]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -37,6 +38,7 @@ def _level(e: float | None) -> str:
     return "no DP" if e is None else f"{e:g}"
 
 
+SEEDED_MARK = " (†)"  # rows whose runs drew reproducible (seeded) DP noise
 Baselines = dict[str, dict[int, float]]  # 'majority' / 'client_majority' -> seed -> rate
 
 
@@ -74,7 +76,8 @@ def collect(grid: Any) -> tuple[list[dict[str, Any]], dict[tuple[str, float | No
                      "epsilon_spent": float(np.mean(spent)) if spent else math.nan,
                      "aggregation_error": float(np.mean(agg)) if agg else math.nan,
                      "rounds": float(np.mean([s["rounds"] for _, s in runs])) if runs else math.nan,
-                     "seconds": float(np.mean([s["seconds"]["total"] for _, s in runs])) if runs else math.nan})
+                     "seconds": float(np.mean([s["seconds"]["total"] for _, s in runs])) if runs else math.nan,
+                     "reproducible_noise": any(bool(s.get("reproducible_noise")) for _, s in runs)})
     return rows, {k: [p for p, _ in v] for k, v in groups.items()}, baselines
 
 
@@ -105,12 +108,15 @@ def markdown(rows: list[dict[str, Any]], baselines: Baselines, seeds: int) -> st
         rounds = "-" if math.isnan(r["rounds"]) else f"{r['rounds']:g}"
         secs = "-" if math.isnan(r["seconds"]) else f"{r['seconds']:.0f}"
         agg = "-" if math.isnan(r["aggregation_error"]) else f"{r['aggregation_error']:.2e}"
-        lines.append(f"| {r['method']} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'], r['seeds'])} | "
+        seeded = SEEDED_MARK if r.get("reproducible_noise") else ""
+        lines.append(f"| {r['method']}{seeded} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'], r['seeds'])} | "
                      f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'], r['seeds'])} | {spent} | {agg} | {rounds} | {secs} | "
                      f"{r['seeds']}/{seeds} |")
     maj = baseline_line("Majority-class rate of the test set", baselines["majority"])
     maj += baseline_line("Each client predicting its own test share's majority label (the yardstick for personal "
                          "accuracy)", baselines["client_majority"])
+    if any(r.get("reproducible_noise") for r in rows):
+        maj += f"{SEEDED_MARK.strip()} {NOT_PRIVATE_WITH_CONFIG}.\n"
     return ("\n".join(lines) + "\n" + ("\n" + maj if maj else "") + "Accuracy: mean ± standard deviation (ddof 1) over the finished seeds. Aggregation "
             "error: relative Frobenius error of the kept product, mean over rounds and seeds.\n")
 
