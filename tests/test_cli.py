@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from tests.conftest import tiny_tree
+from tests.helpers import tiny_tree
 
 runner = CliRunner()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import tiny_tree
+from tests.helpers import tiny_tree
 
 ROUNDS = 6
 

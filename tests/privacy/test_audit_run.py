@@ -24,7 +24,7 @@ from fedlora.config import build_config
 from fedlora.federation.simulation import Simulation
 from fedlora.privacy.canaries import best_guess_bound, concat_examples, make_canaries, run_audit
 from fedlora.tasks import build_task
-from tests.conftest import VOCAB, tiny_tree
+from tests.helpers import VOCAB, tiny_tree
 
 WORDS = ["".join(t) for t in itertools.product("bdfgklmnprstvz", "aeiou", "bdgkmnprst")][:400]
 

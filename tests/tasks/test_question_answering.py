@@ -14,7 +14,7 @@ from fedlora.config import build_config
 from fedlora.experiment import run_experiment
 from fedlora.tasks import build_task
 from fedlora.tasks.qa import f1_score, normalize
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, VOCAB
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE, VOCAB
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from fedlora.config import build_config
 from fedlora.errors import DataError
 from fedlora.experiment import run_experiment
 from fedlora.tasks import build_task
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, tiny_tree
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE, tiny_tree
 
 
 def make_pairs(n: int, seed: int = 0) -> pd.DataFrame:
