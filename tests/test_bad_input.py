@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from tests.conftest import tiny_tree
+from tests.helpers import tiny_tree
 
 runner = CliRunner()
 
@@ -96,7 +96,7 @@ def _disk_full_on_checkpoint(e: Env, monkeypatch) -> list[str]:
 
     shutil.rmtree(e.done / "adapter")
     (e.done / "checkpoints" / "round_2").rename(e.done / "checkpoints" / "round_1")  # resume must rewrite round 2
-    ckpt = torch.load(e.done / "checkpoints" / "round_1" / "federation.pt", weights_only=False)
+    ckpt = torch.load(e.done / "checkpoints" / "round_1" / "federation.pt", weights_only=True)
     ckpt["round"], ckpt["metrics_rows"] = 1, 1
     for client in ckpt["clients"]:
         client["dp_steps"] //= 2
