@@ -4,19 +4,22 @@ stderr naming the problem (and the fix), no traceback, and leaves earlier output
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from tests.helpers import tiny_tree
+from tests.helpers import make_idx_folder, tiny_tree
 
 runner = CliRunner()
 
@@ -116,6 +119,63 @@ def _one_class(e: Env) -> list[str]:
     return ["run", e.cfg(task={"dataset": e.data("one.csv", df)}), "-q"]
 
 
+MARKER = "code-ran"  # a file a malicious payload would create in Env.tmp
+
+
+class _RunsCode:
+    """Pickles as a call that creates the marker file when the pickle is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def _malicious_checkpoint(e: Env) -> list[str]:
+    import torch
+
+    state = torch.load(_checkpoint(e), weights_only=True)  # the real checkpoint, plus one object that runs code
+    torch.save({**state, "memory": {"ema": _RunsCode(e.tmp / MARKER)}}, _checkpoint(e))
+    return ["run", "--resume", str(e.done), "-q"]
+
+
+def _images(e: Env, name: str, classes: dict[str, int], corrupt: str | None = None) -> list[str]:
+    from PIL import Image
+
+    root = e.tmp / name
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / cls / f"{i}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
+    return ["run", e.cfg(task={"name": "image-classification", "dataset": str(root), "model": "efficientnet-lite0"}), "-q"]
+
+
+def _idx(e: Env, damage: Callable[[bytes], bytes], file: str = "train-labels-idx1-ubyte.gz") -> list[str]:
+    root = make_idx_folder(e.tmp / "idx", n_train=40, n_test=10)
+    path = root / file
+    path.write_bytes(damage(path.read_bytes()))
+    return ["run", e.cfg(task={"name": "image-classification", "dataset": str(root), "model": "efficientnet-lite0"}), "-q"]
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def _squad(e: Env, answers: list, suffix: str = ".json") -> list[str]:
+    rows = [{"question": "the story was", "context": f"the movie was good {i}", "answers": a} for i, a in enumerate(answers)]
+    path = e.tmp / f"squad{suffix}"
+    if suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        path.write_text(json.dumps(rows))
+    return ["run", e.cfg(task={"name": "question-answering", "dataset": str(path)}), "-q"]
+
+
+_GOOD = {"text": ["good"], "answer_start": [14]}
+
 # id -> (argv builder, fragments the line must contain)
 CASES: dict[str, tuple[Callable[..., list[str]], tuple[str, ...]]] = {
     "malformed-yaml": (lambda e: ["run", e.data("bad.yaml", b"task: [unclosed\n  x: 1"), "-q"], ("not valid YAML",)),
@@ -156,6 +216,19 @@ CASES: dict[str, tuple[Callable[..., list[str]], tuple[str, ...]]] = {
     "resume-checkpoint-of-another-config": (_other_config, ("another config", "train.lr")),
     "disk-full-new-run": (_disk_full_on_new_run, ("No space left on device",)),
     "disk-full-checkpoint": (_disk_full_on_checkpoint, ("No space left on device",)),
+    "resume-checkpoint-carrying-code": (_malicious_checkpoint, ("no readable checkpoint", "corrupted", "federation.pt")),
+    "image-folder-corrupt-image": (lambda e: _images(e, "imgs", {"cat": 3, "dog": 3}, corrupt="dog/9.png"),
+                                   ("dog/9.png", "cannot be read", "replace or remove")),
+    "image-folder-one-class-has-images": (lambda e: _images(e, "imgs", {"cat": 4, "dog": 0}), ("single class", "'cat'")),
+    "idx-body-not-a-multiple-of-the-value-size": (
+        lambda e: _idx(e, lambda d: _gz(bytes([0, 0, 0x0C, 1]) + (3).to_bytes(4, "big") + b"\0" * 11)),
+        ("train-labels-idx1-ubyte.gz", "not a multiple", "reinstall")),
+    "idx-header-longer-than-the-file": (lambda e: _idx(e, lambda d: _gz(bytes([0, 0, 0x08, 3, 0, 0]))),
+                                        ("train-labels-idx1-ubyte.gz", "shorter", "header")),
+    "idx-corrupt-gzip": (lambda e: _idx(e, lambda d: d[: len(d) // 2] + b"\xff" * 16), ("train-labels-idx1-ubyte.gz", "cannot be read")),
+    "qa-answers-not-a-dict": (lambda e: _squad(e, ["good"] * 20, ".csv"), ("'answers' is not a dict", "row 0")),
+    "qa-unanswerable-question": (lambda e: _squad(e, [_GOOD] * 19 + [{"text": [], "answer_start": []}]),
+                                 ("row 19", "no answer", "drop such rows")),
 }
 
 
@@ -185,3 +258,4 @@ def test_bad_input(env, monkeypatch, case):
     for key, value in before.items():  # nothing earlier overwritten or removed
         assert after[key].startswith(value) if key.endswith("metrics.jsonl") else after[key] == value, key
     assert (env.runs / "earlier.txt").read_text() == "an earlier result\n"
+    assert not (env.tmp / MARKER).exists(), "a file's contents ran as code"
