@@ -4,6 +4,7 @@ from here, never from another test module."""
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,3 +109,20 @@ class Spy:
         self.snaps.append(self.adapted.state())
         self.noised.append(set(grads))
         return self.inner.transform(grads, plan, step)
+
+
+# ---------------------------------------------------------------- what a finished short run shows
+def check_short_run(summary: dict, rounds: int, n_test: int, target_epsilon: float | None = None) -> list[dict]:
+    """A short run finished every round, its accuracy is a rate over the ``n_test`` test examples
+    and the summary's is the last round's, each round spent privacy (within the target), and the
+    adapter was saved in PEFT's format. Returns the metrics records."""
+    run = Path(summary["run_dir"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds"] == rounds and [r["round"] for r in records] == list(range(1, rounds + 1))
+    acc = records[-1]["accuracy"]
+    assert summary["final"]["accuracy"] == acc and abs(acc * n_test - round(acc * n_test)) < 1e-3, (acc, n_test)  # float32 rates
+    if target_epsilon is not None:
+        eps = [r["epsilon"] for r in records]
+        assert 0 < eps[0] and all(a < b for a, b in zip(eps, eps[1:], strict=False)) and eps[-1] <= target_epsilon, eps
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter" / "adapter_config.json").is_file()
+    return records
