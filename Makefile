@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-fast install lint clean
 
 install: $(STAMP)
 
@@ -36,7 +36,11 @@ demo: $(STAMP)
 	$(VENV)/bin/fedlora run configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
+
+# Everything but the end-to-end runs marked slow (pyproject.toml's `slow` marker).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -9,21 +9,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
+
+from tests.helpers import VOCAB, make_sentences, tiny_tree
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
-
-POSITIVE = ["good", "great", "fine", "nice", "superb", "lovely", "fun", "bright"]
-NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak", "sad", "grim"]
-NEUTRAL = ["movie", "film", "plot", "actor", "scene", "story", "the", "a", "was", "is", "very", "quite"]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL]
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -39,38 +33,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def make_sentences(n: int, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        label = int(rng.integers(0, 2))
-        words = list(rng.choice(NEUTRAL, size=4)) + list(rng.choice(POSITIVE if label else NEGATIVE, size=2))
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + f" {i % 7}", "label": label})
-    return pd.DataFrame(rows)
-
-
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "sentences.csv"
     make_sentences(400).to_csv(path, index=False)
     return path
-
-
-def tiny_tree(model_dir: Path, data: Path, run_root: Path, **sections: dict) -> dict:
-    """A config tree for a fast run on the tiny model; sections update the defaults."""
-    tree = {
-        "task": {"dataset": str(data), "model": str(model_dir), "max_length": 16},
-        "adapter": {"rank": 2, "alpha": 4},
-        "federation": {"num_clients": 3, "rounds": 2, "local_steps": 2, "min_client_size": 20},
-        "privacy": {"epsilon": 3.0, "reproducible_noise": True},  # bit-identical tests; secure noise is tested on its own
-        "train": {"batch_size": 16, "lr": 0.1},
-        "eval": {"batch_size": 64},
-        "output": {"root": str(run_root)},
-    }
-    for name, values in sections.items():
-        tree.setdefault(name, {}).update(values)
-    return tree
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import torch
 from fedlora.config import build_config
 from fedlora.experiment import run_experiment
 from fedlora.tasks.tables import load_text_table
+from tests.helpers import check_short_run
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +35,8 @@ def test_short_dp_run_on_the_offline_default(tmp_path):
         "output": {"root": str(tmp_path), "name": "real"},
     })
     summary = run_experiment(cfg, progress=False)
-    assert summary["rounds"] == 2
-    assert 0 < summary["final"]["epsilon"] <= 3.0
-    assert 0.3 < summary["final"]["accuracy"] <= 1.0
+    check_short_run(summary, rounds=2, n_test=200, target_epsilon=3.0)
+    assert summary["final"]["epsilon"] <= 3.0
 
 
 def test_prefix_cache_equals_the_full_forward():

@@ -77,7 +77,7 @@ def test_cli_resume_after_a_lost_round_gives_the_same_adapter(tiny_model_dir, ti
 
     from fedlora.cli import app
     from fedlora.report.rundir import read_metrics
-    from tests.conftest import tiny_tree
+    from tests.helpers import tiny_tree
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_tree(tiny_model_dir, tiny_csv, tmp_path / "runs", federation={"rounds": 3},

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 import torch
 
-from fedlora.adapters import Factor
 from fedlora.errors import ConfigError
 from fedlora.federation.client import run_client
 from fedlora.federation.simulation import Simulation
@@ -16,6 +15,7 @@ from fedlora.methods import MethodSetup, build_method
 from fedlora.methods.as_lora import LayerwiseChoice, MeanAndScoreEMA, SendWithScores, prob_a
 from fedlora.methods.base import ClientTrace, PlanContext, RoundPlan
 from fedlora.methods.la_lora import binomial_smooth
+from tests.helpers import FACTORS, Spy
 
 
 # ------------------------------------------------------------------ the binomial filter
@@ -31,24 +31,6 @@ def test_binomial_filter_keeps_constants_and_never_mixes_rank_rows():
     # mirror padding at the border: x[-2..] = x[2], x[1]
     x = torch.arange(6, dtype=torch.float64).view(1, 6)
     assert math.isclose(float(binomial_smooth(x, 1)[0, 0]), (2 * 1 + 4 * 1 + 6 * 0 + 4 * 1 + 1 * 2) / 16)
-
-
-@dataclass
-class Spy:
-    """Wraps a schedule; records the parameters before each step and the tensors noised at it."""
-
-    inner: object
-    adapted: object
-    snaps: list = field(default_factory=list)
-    noised: list = field(default_factory=list)
-
-    def active(self, plan, step):
-        return self.inner.active(plan, step)
-
-    def transform(self, grads, plan, step):
-        self.snaps.append(self.adapted.state())
-        self.noised.append(set(grads))
-        return self.inner.transform(grads, plan, step)
 
 
 def per_step_changes(tiny_cfg, options, steps=4):
@@ -82,9 +64,6 @@ def test_la_lora_rejects_a_bad_phase():
 
 
 # ------------------------------------------------------------------------- AS-LoRA
-FACTORS = [Factor(f"l{i}.{r}", f"l{i}", i, r) for i in range(3) for r in ("A", "B")] + [Factor("head.w", "head", None, "head")]
-
-
 def ctx(rnd, rounds=30, memory=None, seed=0):
     return PlanContext(rnd, rounds, FACTORS, [f.name for f in FACTORS], frozenset(), memory or {}, seed)
 

@@ -83,7 +83,6 @@ def test_a_finite_difference_run_is_marked_not_covered_everywhere(tiny_cfg):
     text = (run / "config.yaml").read_text()
     assert text.startswith("# NOT covered by the DP guarantee")
     assert yaml.safe_load(text)["method"]["options"] == FD  # still a valid config, flag included
-    assert saved["final"]["accuracy"] >= 0.0
 
 
 def test_an_off_run_is_not_marked(tiny_cfg):

@@ -8,23 +8,7 @@ import torch
 from fedlora.federation.client import run_client
 from fedlora.federation.simulation import Simulation
 from fedlora.methods import available_methods
-
-# method -> roles its uploads may contain
-UPLOAD_ROLES = {
-    "dp-lora": {"A", "B", "head"},
-    "ffa-lora": {"B", "head"},
-    "rolora": {"A", "B", "head"},
-    "fedsa-lora": {"A"},
-    "fedsa-rslora": {"A"},
-    "fedsa-vera": {"A"},  # VeRA's lambda_d
-    "la-lora": {"A", "B", "head"},
-    "as-lora": {"A", "B", "head", "score"},  # per-layer scores under score/<layer>/<factor>
-    "fedex-lora": {"A", "B", "head"},
-    "flora": {"A", "B", "head"},
-    "fedsvd": {"B", "head"},
-}
-# method -> config sections it needs beyond the tiny defaults
-NEEDS = {"fedsa-rslora": {"adapter": {"rslora": True}}, "fedsa-vera": {"adapter": {"type": "vera"}}}
+from tests.helpers import NEEDS, UPLOAD_ROLES
 
 
 def role_of(roles: dict[str, str], key: str) -> str:

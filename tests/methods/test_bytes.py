@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.federation.simulation import Simulation
-from tests.methods.test_battery import NEEDS, UPLOAD_ROLES
+from tests.helpers import NEEDS, UPLOAD_ROLES
 
 B = 4  # fp32
 

@@ -17,8 +17,7 @@ from fedlora.methods.compose import SEAMS, check, compose_method, profile
 from fedlora.methods.fedex_lora import FoldResidual
 from fedlora.methods.la_lora import AlternateSteps
 from fedlora.methods.lowrank import lora_modules
-from tests.conftest import tiny_tree
-from tests.methods.test_battery import NEEDS
+from tests.helpers import NEEDS, tiny_tree
 
 # method -> its seams by name (plan, schedule, upload, aggregate)
 PROFILES = {

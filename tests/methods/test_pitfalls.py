@@ -26,7 +26,7 @@ from fedlora.methods.base import ClientTrace, Method, PlanContext, RoundPlan
 from fedlora.methods.la_lora import AlternateSteps
 from fedlora.methods.rolora import AlternateRounds
 from fedlora.methods.seams import MeanOfUploads
-from tests.methods.test_alternating import FACTORS, Spy
+from tests.helpers import FACTORS, Spy
 
 FAST = {"every": 100, "diagnostics": False}  # evaluate at the end only, no aggregation-error replay
 

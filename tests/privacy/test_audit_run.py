@@ -33,7 +33,7 @@ from fedlora.config import build_config
 from fedlora.errors import ConfigError
 from fedlora.federation.simulation import Simulation
 from fedlora.tasks import build_task
-from tests.conftest import VOCAB, tiny_tree
+from tests.helpers import VOCAB, tiny_tree
 
 WORDS = ["".join(t) for t in itertools.product("bdfgklmnprstvz", "aeiou", "bdgkmnprst")][:400]
 

@@ -10,7 +10,7 @@ from fedlora.cli import app
 from fedlora.errors import ConfigError
 from fedlora.experiment import summary_line
 from fedlora.federation.simulation import RunResult, Simulation
-from tests.conftest import tiny_tree
+from tests.helpers import tiny_tree
 
 
 def _result(epsilon: float | None) -> RunResult:

@@ -16,7 +16,7 @@ from fedlora.experiment import run_experiment
 from fedlora.federation.simulation import Simulation
 from fedlora.report.compare import METHOD_DEFAULTS, plan_grid, run_compare
 from fedlora.report.runtime_pool import RuntimePool
-from tests.conftest import tiny_tree
+from tests.helpers import tiny_tree
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ import fedlora.report.workers as workers_module
 from fedlora.errors import ConfigError, DataError
 from fedlora.report.compare import plan_grid, run_compare
 from fedlora.report.workers import shards
-from tests.conftest import tiny_tree
+from tests.helpers import tiny_tree
 
 
 def test_shards_are_dealt_round_robin_without_empty_ones() -> None:

@@ -4,10 +4,6 @@ EfficientNet-Lite0 conversion (plain 1x1 convs) checked for exactness."""
 
 from __future__ import annotations
 
-import gzip
-import struct
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,29 +16,7 @@ from fedlora.federation.runtime import Runtime
 from fedlora.tasks import idx as idx_mod
 from fedlora.tasks import image as image_mod
 from fedlora.tasks.effnet import ConvBackbone, HeadConv
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
-def make_idx_folder(root: Path, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
-    """Three learnable classes: dark, grey and bright noisy images."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, n, gz in (("train", n_train, True), ("t10k", n_test, False)):
-        labels = rng.integers(0, 3, size=n)
-        images = rng.integers(0, 60, size=(n, 28, 28)) + 90 * labels[:, None, None]
-        suffix = ".gz" if gz else ""
-        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
-    return root
+from tests.helpers import make_idx_folder, write_idx
 
 
 def tiny_backbone(image_size: int) -> ConvBackbone:

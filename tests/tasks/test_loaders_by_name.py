@@ -20,7 +20,7 @@ from fedlora.config import build_config
 from fedlora.errors import DataError
 from fedlora.tasks import build_task
 from fedlora.tasks.images import load_images
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, tiny_tree
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE, tiny_tree
 
 
 class FakeSplit:

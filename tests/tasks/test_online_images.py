@@ -14,6 +14,7 @@ from fedlora.errors import DataError
 from fedlora.experiment import run_experiment
 from fedlora.federation.runtime import Runtime
 from fedlora.tasks.image import ImageClassificationTask
+from tests.helpers import check_short_run
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +84,9 @@ def test_lora_on_query_value_of_the_vit(tiny_vit, image_folder, tmp_path):
 
 
 def test_short_dp_run_on_the_tiny_vit(tiny_vit, image_folder, tmp_path):
-    summary = run_experiment(cfg_for(tiny_vit, image_folder, tmp_path), progress=False)
-    assert summary["rounds"] == 2 and 0.0 <= summary["final"]["accuracy"] <= 1.0
+    cfg = cfg_for(tiny_vit, image_folder, tmp_path)
+    summary = run_experiment(cfg, progress=False)
+    check_short_run(summary, rounds=2, n_test=20, target_epsilon=cfg.privacy.epsilon)
 
 
 def test_missing_image_folder_is_a_data_error(tiny_vit, tmp_path):

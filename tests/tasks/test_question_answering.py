@@ -12,9 +12,10 @@ import torch
 
 from fedlora.config import build_config
 from fedlora.experiment import run_experiment
+from fedlora.report.rundir import read_metrics
 from fedlora.tasks import build_task
 from fedlora.tasks.qa import f1_score, normalize
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, VOCAB
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE, VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -111,4 +112,20 @@ def test_oracle_logits_give_exact_match_one(qa_cfg):
 
 def test_short_dp_run_reports_exact_match_and_f1(qa_cfg):
     summary = run_experiment(qa_cfg(), progress=False)
-    assert summary["rounds"] == 2 and 0.0 <= summary["final"]["accuracy"] <= 1.0
+    final = summary["final"]
+    assert summary["rounds"] == 2
+    # accuracy is exact match; F1 gives partial credit, so it is never below it
+    assert final["accuracy"] == final["exact_match"] and 0.0 <= final["exact_match"] <= final["f1"] <= 1.0
+    records = read_metrics(summary["run_dir"])
+    assert [r["round"] for r in records] == [1, 2] and all({"exact_match", "f1"} <= set(r) for r in records)
+
+
+def test_answers_written_as_text_in_a_csv_cell_load_like_json(qa_cfg, tmp_path):
+    import pandas as pd
+
+    rows = make_squad(80)
+    csv = tmp_path / "squad.csv"
+    pd.DataFrame([{**r, "answers": json.dumps(r["answers"])} for r in rows]).to_csv(csv, index=False)
+    a, b = build_task(qa_cfg().task, 0), build_task(qa_cfg(dataset=str(csv)).task, 0)
+    assert a.train.extra["answers"] == b.train.extra["answers"]
+    assert all(np.array_equal(x, y) for x, y in zip(a.train.features["span"], b.train.features["span"], strict=True))

@@ -11,7 +11,7 @@ from fedlora.config import build_config
 from fedlora.errors import DataError
 from fedlora.experiment import run_experiment
 from fedlora.tasks import build_task
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, tiny_tree
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE, check_short_run, tiny_tree
 
 
 def make_pairs(n: int, seed: int = 0) -> pd.DataFrame:
@@ -69,5 +69,6 @@ def test_missing_pair_column_is_a_data_error(pair_cfg):
 
 
 def test_a_short_run_on_pairs(pair_cfg, tmp_path):
-    summary = run_experiment(pair_cfg(), progress=False)
-    assert summary["rounds"] == 2 and 0.0 <= summary["final"]["accuracy"] <= 1.0
+    cfg = pair_cfg()
+    summary = run_experiment(cfg, progress=False)
+    check_short_run(summary, rounds=2, n_test=len(build_task(cfg.task, 0).test), target_epsilon=cfg.privacy.epsilon)

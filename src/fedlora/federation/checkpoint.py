@@ -1,7 +1,10 @@
 """Round checkpoints: the global adapter in PEFT format plus the whole federation state.
 
-Written to a temporary folder and renamed into place, so a crash mid-write never leaves a
-half checkpoint under ``round_<k>``. The state holds everything a round depends on that is
+Written to a temporary folder, every file and folder fsynced, then renamed into place (and the
+parent fsynced), so neither a crash mid-write nor a power loss leaves a half checkpoint under
+``round_<k>``. ``federation.pt`` is read with ``weights_only=True``: it holds only tensors and
+plain values, and a file carrying any other object (a pickle that would run code) is refused as
+corrupted. The state holds everything a round depends on that is
 not re-derived from (seed, client, round): the global state, every client's local tensors and
 DP step count (its accountant's history), the method's server memory (e.g. AS-LoRA's score
 EMA), and how many metrics records metrics.jsonl holds at this point (the records themselves
@@ -12,16 +15,62 @@ round, so a restored round draws exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedlora.errors import FedloraError
 
 STATE_FILE = "federation.pt"
+PAUSE_ENV = "FEDLORA_TEST_PAUSE_IN_CHECKPOINT"  # tests only: "<round>" -> stop halfway through its federation.pt
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's bytes (a folder: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+        _fsync(path)
+    _fsync(root)
+
+
+def _test_pause(rnd: int) -> None:
+    """A seam for the kill test: with ``PAUSE_ENV`` set to this round, the process announces on
+    stderr that half of federation.pt is written and waits there to be killed."""
+    if os.environ.get(PAUSE_ENV) == str(rnd):
+        import sys  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        print(f"paused inside the checkpoint write of round {rnd}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(1.0)
+
+
+def _plain(value: Any) -> Any:
+    """The method's server memory as what ``weights_only`` loading accepts: dicts, lists, numbers,
+    strings and CPU tensors (numpy scalars and arrays become Python numbers and tensors)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
 
 
 def federation_state(sim: Any) -> dict[str, Any]:
@@ -30,7 +79,7 @@ def federation_state(sim: Any) -> dict[str, Any]:
         "config": sim.cfg.model_dump(mode="json"),
         "global_state": {k: v.cpu() for k, v in sim.global_state.items()},
         "clients": [{"local": {k: v.cpu() for k, v in c.local.items()}, "dp_steps": c.dp_steps} for c in sim.clients],
-        "memory": sim.memory,
+        "memory": _plain(sim.memory),
         "metrics_rows": len(sim.metrics),
     }
 
@@ -43,7 +92,7 @@ def server_state(engine: Any) -> dict[str, Any]:
         "config": server.cfg.model_dump(mode="json"),
         "global_state": {k: v.cpu() for k, v in server.global_state.items()},
         "clients": [{"local": {}, "dp_steps": steps} for steps in server.steps],
-        "memory": server.memory,
+        "memory": _plain(server.memory),
         "metrics_rows": len(server.metrics),
         "engine": "flower",
     }
@@ -63,14 +112,24 @@ def _write_checkpoint(state: dict[str, Any], save_adapter: Any, directory: Path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        torch.save(state, tmp / STATE_FILE)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
+        with open(tmp / STATE_FILE, "wb") as f:  # noqa: PTH123
+            f.write(data[: len(data) // 2])
+            f.flush()
+            _test_pause(int(state["round"]))
+            f.write(data[len(data) // 2 :])
         save_adapter(tmp / "adapter")
+        _fsync_tree(tmp)  # every byte on disk before the rename makes it the newest checkpoint
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay the latest
         raise
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
+    _fsync(directory.parent)  # the rename itself survives a power loss ...
+    _fsync(directory.parent.parent)  # ... and so does a checkpoints/ folder made by the first one
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any]:
@@ -78,8 +137,8 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FedloraError(f"no checkpoint at '{directory}'; expected {STATE_FILE} there")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001  (truncated or corrupted file)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code runs
+    except Exception as err:  # noqa: BLE001  (truncated, corrupted, or carrying objects other than data)
         raise FedloraError(f"checkpoint '{path}' is corrupted or truncated ({type(err).__name__}); resume from an earlier round") from None
     if not isinstance(state, dict) or not {"round", "config", "global_state", "clients"} <= set(state):
         raise FedloraError(f"checkpoint '{path}' is not a fedlora federation checkpoint; resume from an earlier round")

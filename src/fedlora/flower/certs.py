@@ -1,9 +1,13 @@
-"""Certificates and keys for a deployment: a CA, the SuperLink's TLS certificate, SuperNode auth keys."""
+"""Certificates and keys for a deployment: a CA, the SuperLink's TLS certificate, SuperNode auth keys.
+
+Private keys are created 0600 (``os.open`` with that mode: never readable by others, not even
+for a moment) in folders made 0700."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -12,10 +16,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
+def private_folder(directory: Path) -> Path:
+    """``directory`` (and missing parents) readable by its owner only: 0700 (an existing one is narrowed)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o077:
+        directory.chmod(0o700)
+    return directory
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A new file that is 0600 from its creation (no moment at 0644); an old file there is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 def _name(common: str) -> x509.Name:
@@ -24,7 +43,7 @@ def _name(common: str) -> x509.Name:
 
 def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 7) -> dict[str, Path]:
     """A fresh CA and a server certificate signed by it for ``hosts`` (IP addresses or DNS names)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_folder(directory)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (x509.CertificateBuilder().subject_name(_name("fedlora CA")).issuer_name(_name("fedlora CA"))
@@ -54,11 +73,10 @@ def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
 
 def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's P-384 key pair for authentication: (private key, public key in OpenSSH format)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_folder(directory)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / f"{name}.key", directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    private.chmod(0o600)
+    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                             serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return private, public

@@ -10,7 +10,9 @@ shared by all of them, as they share this machine: it builds the task and model 
 the federation starts and answers every node's messages (one at a time; each node's client
 state stays in its own ``Context.state``), so the per-message ClientApp processes Flower starts
 need not import torch or rebuild the model, and N nodes do not hold N copies of the task.
-``node_workers=False`` runs without it (each ClientApp process builds everything).
+``node_workers=False`` runs without it (each ClientApp process builds everything). The worker is
+watched: if it dies, the run ends at once with its last log lines. The run's Flower folder is
+0700 and its private keys 0600 from their creation.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tomli_w
 
 from fedlora.config import ExperimentConfig
 from fedlora.errors import FedloraError
-from fedlora.flower.certs import make_node_key, make_tls
+from fedlora.flower.certs import make_node_key, make_tls, private_folder
 from fedlora.flower.node import WORKER_ENV, WORKER_KEY_ENV
 from fedlora.flower.simulate import run_config_for
 from fedlora.report.rundir import RunDir
@@ -83,6 +85,7 @@ class Deployment:
         # caller's working directory, so relative paths in the fedlora config mean what they mean to `fedlora run`
         self.work, self.num_nodes, self.cwd = Path(work).resolve(), num_nodes, Path.cwd()
         self.procs: dict[str, subprocess.Popen] = {}
+        private_folder(self.work)  # 0700: keys, certificates, logs and FLWR_HOME are the run's owner's only
         self.home = work / "home"
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
@@ -151,7 +154,8 @@ class Deployment:
     def start_worker(self, config_yaml: Path) -> None:
         """The node worker of every SuperNode started later; it builds the view of ``config_yaml`` right away."""
         port = free_port()
-        self.start("worker", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml)],
+        self.start("worker", [sys.executable, "-m", "fedlora.flower.node", "--port", str(port), "--config", str(config_yaml),
+                              "--own-config", str(self.work / NODE_CONFIG)],
                    env={**self.env, WORKER_KEY_ENV: self.worker_key})
         self.worker = f"127.0.0.1:{port}"
 
@@ -163,9 +167,19 @@ class Deployment:
             f'partition-id={k} num-partitions={self.num_nodes} config="{self.work / NODE_CONFIG}"',
             "--port", str(free_port()), "--max-retries", "5"], env=env)
 
+    def check_worker(self, lines: int = 6) -> None:
+        """Raise at once when the node worker has died, with the last lines of its log (its error)."""
+        proc = self.procs.get("worker")
+        if proc is None or proc.poll() is None:
+            return
+        tail = [line.strip() for line in self.log("worker").splitlines() if line.strip()][-lines:]
+        raise FedloraError(f"the node worker died (exit {proc.returncode}): {' | '.join(tail) or 'no output'}; "
+                           f"its log is '{self.work / 'worker.log'}'")
+
     def wait_for(self, ok, seconds: float, message: str) -> None:
         deadline = time.monotonic() + seconds
         while not ok():
+            self.check_worker()
             if time.monotonic() > deadline or any(p.poll() is not None for n, p in self.procs.items() if n == "superlink"):
                 raise FedloraError(f"{message}; see the logs under '{self.work}'")
             time.sleep(1.0)
@@ -181,6 +195,7 @@ class Deployment:
                                   "--stream"])
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
+            self.check_worker()  # its death ends the run now, not after the clients' retries
             if time.monotonic() > deadline:
                 raise FedloraError(f"the Flower run took longer than {timeout:g} s; stopped it (logs in '{self.work}')")
             if watch is not None:

@@ -26,10 +26,14 @@ import ctypes
 import fcntl
 import gc
 import os
+import queue
+import socket
+import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 from typing import Any
 
@@ -186,29 +190,64 @@ def build_slot(folder: Path | None, slots: int) -> Iterator[None]:
         time.sleep(0.5)
 
 
+IO_TIMEOUT_S = 30.0  # the longest a worker waits on one read or write of a local connection
+
+
+def _receive(sock: socket.socket, key: bytes, io_timeout: float, requests: queue.Queue) -> None:
+    """Authenticate one connection and read its request, each read and write under ``io_timeout``
+    (the socket's SO_RCVTIMEO/SO_SNDTIMEO); queue ``(connection, request)`` for the serving loop."""
+    deadline = struct.pack("ll", int(io_timeout), int((io_timeout % 1) * 1e6))  # struct timeval
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, deadline)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, deadline)
+    conn = Connection(sock.detach())
+    try:
+        deliver_challenge(conn, key)  # what Listener.accept does, with deadlines
+        answer_challenge(conn, key)
+        request = conn.recv()
+    except Exception as err:  # noqa: BLE001  (a caller without the key, an idle or broken connection)
+        print(f"refused a connection: {type(err).__name__}", flush=True)
+        conn.close()
+        return
+    requests.put((conn, request))
+
+
+def _accept(server: socket.socket, key: bytes, io_timeout: float, requests: queue.Queue) -> None:
+    """Accept connections for ever; each is authenticated and read in its own thread, so one that
+    sends nothing delays no other."""
+    while True:
+        try:
+            sock, _ = server.accept()
+        except OSError:  # the server socket was closed
+            return
+        threading.Thread(target=_receive, args=(sock, key, io_timeout, requests), daemon=True).start()
+
+
 def serve_worker(port: int, key: bytes, config_yaml: str | None = None, partition: int | None = None,
-                 slots: tuple[Path, int] | None = None) -> None:
+                 slots: tuple[Path, int] | None = None, io_timeout: float = IO_TIMEOUT_S,
+                 node_settings: dict[str, Any] | None = None) -> None:
     """Answer requests ``(kind, content, state, run_config, node_config)`` with ``("ok", reply, state)`` or
     ``("error", message)``, one at a time, until killed. ``config_yaml`` builds the view before the first
-    one (in a build slot), and with ``partition`` keeps only that partition's examples."""
-    with Listener(("127.0.0.1", port), backlog=64, authkey=key) as listener:  # listening before the (slow) build
+    one (in a build slot) for the SuperNodes' ``node_settings`` (their ``config``/``data`` node-config keys),
+    and with ``partition`` keeps only that partition's examples. Connections are
+    accepted, authenticated and read by threads (every read and write has an ``io_timeout`` deadline);
+    requests are answered one at a time, in the order they were read, by this thread."""
+    requests: queue.Queue = queue.Queue()
+    with socket.create_server(("127.0.0.1", port), backlog=64) as server:  # listening before the (slow) build
+        threading.Thread(target=_accept, args=(server, key, io_timeout, requests), daemon=True).start()
         if config_yaml is not None:
             t = time.perf_counter()
             with build_slot(*(slots or (None, 0))):
                 waited = time.perf_counter() - t
-                sim = view({"config-yaml": config_yaml}, {"partition-id": partition} if partition is not None else {})
+                settings = {**(node_settings or {}), **({"partition-id": partition} if partition is not None else {})}
+                sim = view({"config-yaml": config_yaml}, settings)
                 dropped = keep_only(sim, partition) if partition is not None else 0
             print(f"node worker ready in {time.perf_counter() - t:.1f} s ({waited:.1f} s waiting for a build slot; "
                   f"dropped {dropped} examples of other partitions)", flush=True)
         while True:
-            try:
-                conn = listener.accept()
-            except Exception as err:  # noqa: BLE001  (a caller without the key)
-                print(f"refused a connection: {type(err).__name__}", flush=True)
-                continue
+            conn, request = requests.get()
             with conn:
                 try:
-                    kind, content, state, run_config, node_config = conn.recv()
+                    kind, content, state, run_config, node_config = request
                     if partition is not None and int(node_config.get("partition-id", -1)) != partition:
                         raise ValueError(f"this node worker serves partition {partition} only")
                     t = time.perf_counter()
@@ -218,7 +257,7 @@ def serve_worker(port: int, key: bytes, config_yaml: str | None = None, partitio
                     reply = ("error", f"{type(err).__name__}: {err}")
                 try:
                     conn.send(reply)
-                except OSError:
+                except OSError:  # the caller left, or stopped reading past the deadline
                     pass
 
 
@@ -229,13 +268,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--partition", type=int, help="the partition id of this node (keep only its examples)")
     ap.add_argument("--build-slots", type=Path, help="a folder for the build locks shared by a machine's workers")
     ap.add_argument("--slots", type=int, default=2, help="how many workers may build at once")
+    ap.add_argument("--own-config", help="the node's own privacy config, as its SuperNode's node config names it (config=...)")
+    ap.add_argument("--data", help="the node's own training data, as its SuperNode's node config names it (data=...)")
+    ap.add_argument("--io-timeout", type=float, default=IO_TIMEOUT_S,
+                    help="seconds a read or write of a local connection may wait (an idle caller is dropped)")
     args = ap.parse_args(argv)
     from fedlora.console import quiet_libraries  # noqa: PLC0415
 
     quiet_libraries()
     key = bytes.fromhex(os.environ[WORKER_KEY_ENV])
     text = open(args.config).read() if args.config else None  # noqa: PTH123, SIM115
-    serve_worker(args.port, key, text, args.partition, (args.build_slots, args.slots) if args.build_slots else None)
+    settings = {k: v for k, v in (("config", args.own_config), ("data", args.data)) if v}
+    serve_worker(args.port, key, text, args.partition, (args.build_slots, args.slots) if args.build_slots else None,
+                 args.io_timeout, settings)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""One run directory per experiment: config, metrics.jsonl, checkpoints, final adapter, summary."""
+"""One run directory per experiment: config, metrics.jsonl, checkpoints, final adapter, summary.
+
+Every write is fsynced, the file and its folder: config and JSON files are written to a temporary
+file and renamed into place, metrics.jsonl lines are appended and fsynced one by one."""
 
 from __future__ import annotations
 
@@ -12,10 +15,24 @@ from typing import Any
 from fedlora.errors import FedloraError
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new, renamed or appended-to file in it) survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync it, rename it over ``path``, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class RunDir:
@@ -45,6 +62,7 @@ class RunDir:
                 path = root / f"{stem}-{i}"
         try:
             path.mkdir(parents=True)
+            fsync_dir(path.parent)
         except FileExistsError:
             raise FedloraError(f"run directory '{path}' already exists; choose another output.name") from None
         except OSError as err:
@@ -69,9 +87,13 @@ class RunDir:
         _atomic_write(self.path / name, json.dumps(data, indent=2, default=float) + "\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        new = not self.metrics_path.exists()
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
+            os.fsync(f.fileno())
+        if new:
+            fsync_dir(self.path)
 
     def checkpoint_dir(self, round: int) -> Path:
         return self.checkpoints / f"round_{round}"

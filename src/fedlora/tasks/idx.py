@@ -8,6 +8,7 @@ files (gzipped or not) works as ``task.dataset`` too.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +26,28 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """One IDX file (optionally gzipped) as an array of its declared shape."""
+    """One IDX file (optionally gzipped) as an array of its declared shape; a malformed file is a
+    :class:`DataError` naming it."""
+    fix = f"re-download it or reinstall {DEBIAN_PACKAGE}"
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"'{path}' cannot be read ({type(err).__name__}: {err}); {fix}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise DataError(f"'{path}' is not an IDX file; re-download or reinstall {DEBIAN_PACKAGE}")
-    ndim = data[3]
+        raise DataError(f"'{path}' is not an IDX file; {fix}")
+    ndim, dtype = data[3], np.dtype(_DTYPES[data[2]])
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise DataError(f"IDX file '{path}' is shorter ({len(data)} bytes) than its header ({offset} bytes); {fix}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_DTYPES[data[2]])
-    body = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
+    if (len(data) - offset) % dtype.itemsize:
+        raise DataError(f"IDX file '{path}' has a body of {len(data) - offset} bytes, not a multiple of its "
+                        f"{dtype.itemsize}-byte values; {fix}")
+    body = np.frombuffer(data, dtype=dtype, offset=offset)
     if body.size != int(np.prod(shape)):
-        raise DataError(f"IDX file '{path}' is truncated ({body.size} values, header says {shape})")
+        raise DataError(f"IDX file '{path}' is truncated ({body.size} values, header says {shape}); {fix}")
     return body.reshape(shape)
 
 

@@ -35,15 +35,22 @@ def to_chw(image: Any, size: int | None) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def _read_image(path: Path, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as img:
+            return to_chw(img, size)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # SyntaxError: PIL's broken PNG chunks
+        raise DataError(f"image '{path}' cannot be read ({type(err).__name__}); replace or remove the file") from None
+
+
 def _folder_split(root: Path, classes: list[str], size: int | None) -> Split:
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).glob("*")) if (root / name).is_dir() else []:
             if path.suffix.lower() in _IMAGE_SUFFIXES:
-                from PIL import Image  # noqa: PLC0415
-
-                with Image.open(path) as img:
-                    images.append(to_chw(img, size))
+                images.append(_read_image(path, size))
                 labels.append(label)
     return images, np.asarray(labels, dtype=np.int64)
 
@@ -60,6 +67,10 @@ def load_image_folder(root: Path, size: int | None) -> tuple[dict[str, Split], l
         splits["test"] = _folder_split(root / "test", classes, size)
     if len(splits["train"][1]) == 0:
         raise DataError(f"image folder '{base}' has no .png/.jpg images in its class subfolders")
+    present = sorted({classes[i] for i in splits["train"][1].tolist()})
+    if len(present) < 2:
+        raise DataError(f"image folder '{base}' has images of a single class ('{present[0]}'); classification needs "
+                        f"images in at least two class subfolders")
     return splits, classes
 
 
@@ -100,6 +111,8 @@ def load_images(cfg: Any, size: int | None) -> tuple[dict[str, Split], list[str]
     if path.exists():
         if is_idx_folder(path):
             data = load_idx_folder(path)
+            if len(np.unique(data["train"][1])) < 2:
+                raise DataError(f"IDX folder '{path}' has training labels of a single class; classification needs at least two")
             n = int(max(y.max() for _, y in data.values())) + 1
             return {s: (list(x[:, None]), y) for s, (x, y) in data.items()}, [str(i) for i in range(n)]
         if path.is_dir():

@@ -9,7 +9,9 @@ a window without the whole answer points at [CLS]. The model is any
 
 from __future__ import annotations
 
+import ast
 import collections
+import json
 import re
 import string
 from pathlib import Path
@@ -54,11 +56,37 @@ class SpanModel(nn.Module):
         return self.classifier(hidden)  # (batch, tokens, 2)
 
 
+def _parse_answer(value: Any, source: str, row: int) -> dict[str, list]:
+    """One row's ``answers`` as ``{"text": [str, ...], "answer_start": [int, ...]}``: a dict (JSON,
+    datasets, parquet arrays) or the same dict written as text (a CSV cell, JSON or Python literal)."""
+    where = f"QA data '{source}', row {row}"
+    shape = 'a dict {"text": [...], "answer_start": [...]}'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise DataError(f"{where}: 'answers' is not {shape} (got {value[:60]!r}); write it in that shape") from None
+    if not isinstance(value, dict) or not {"text", "answer_start"} <= set(value):
+        raise DataError(f"{where}: 'answers' is not {shape} (got {type(value).__name__}); write it in that shape")
+    try:
+        texts, starts = [str(t) for t in value["text"]], [int(s) for s in value["answer_start"]]
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: 'answers' needs a list of texts and a list of integer starts; fix that row") from None
+    if not texts or len(texts) != len(starts):
+        raise DataError(f"{where} has no answer (a SQuAD v2 unanswerable question?) or unequal text/answer_start lists; "
+                        "this task trains on answerable questions only: drop such rows")
+    return {"text": texts, "answer_start": starts}
+
+
 def _answers(df: pd.DataFrame, source: str) -> pd.DataFrame:
     for col in ("question", "context", "answers"):
         if col not in df.columns:
             raise DataError(f"QA data '{source}' has no '{col}' column (columns: {', '.join(map(str, df.columns))})")
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    return df.assign(answers=[_parse_answer(a, source, i) for i, a in enumerate(df["answers"])])
 
 
 class QuestionAnsweringTask(TextClassificationTask):
