@@ -53,7 +53,7 @@ def test_batched_round_equals_clients_one_after_another(tiny_cfg, method):
             assert s.upload[k].dtype == torch.float64
             assert close(b.upload[k], s.upload[k]), (method, k)
         assert (b.steps, b.examples, b.state.dp_steps) == (s.steps, s.examples, s.state.dp_steps)
-        assert b.loss == pytest.approx(s.loss, rel=1e-6)
+        assert b.loss == pytest.approx(s.loss, rel=1e-6, nan_ok=True)  # NaN under DP: the loss is not computed
     # the round moved the factors: the comparison is not between two untouched states
     moved = [k for k in seq[0].upload if not torch.equal(seq[0].upload[k], download.get(k, seq[0].upload[k]))]
     assert moved

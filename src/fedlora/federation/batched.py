@@ -90,7 +90,8 @@ class _Batched:
             g = torch.zeros_like(o) if g is None else g
             for name, attr in ((w, "weight"), (b, "bias")):
                 if name in active:
-                    piece = linear_per_sample(x, g, attr)
+                    dtype = self.values[0][name].dtype  # bf16 autocast records bf16 tensors: fp32 from here on
+                    piece = linear_per_sample(x.to(dtype), g.to(dtype), attr)
                     out[name] = piece if name not in out else out[name] + piece
         self.records = []
         return out
@@ -111,7 +112,7 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
     batched = _Batched(rt, values)
     adapted.model.train()
     last: list[State] = [{} for _ in specs]
-    losses: list[list[float]] = [[] for _ in specs]
+    losses: list[list[torch.Tensor]] = [[] for _ in specs]  # device scalars, without DP only (never released under DP)
     examples = [0] * len(specs)
     for step in range(local_steps):
         active = sorted(method.schedule.active(plan, step))
@@ -120,12 +121,17 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
         if sum(counts):
             idx = np.concatenate([s.indices[r] for s, r in zip(specs, rows, strict=True)])
             batch = task.batch(task.train, idx, rt.device)
-            loss = batched.run(lambda b=batch: task.loss(adapted.model, b), counts, set(active))
+
+            def loss_fn(b=batch):
+                with rt.autocast():  # train.precision: the backbone's products in bf16, the factors fp32
+                    return task.loss(adapted.model, b)
+
+            loss = batched.run(loss_fn, counts, set(active))
             per_sample = batched.per_sample(loss, active)
             loss = loss.detach()
         else:
             per_sample = {k: torch.zeros((0, *values[0][k].shape), device=rt.device, dtype=values[0][k].dtype) for k in active}
-            loss = torch.zeros(0)
+            loss = torch.zeros(0, device=rt.device)
         optimizer.zero_grad(set_to_none=True)  # inactive tensors keep grad=None: no state advance
         split = {k: torch.split(g, counts) for k, g in per_sample.items()}
         for c, (spec, n, part_loss) in enumerate(zip(specs, counts, torch.split(loss, counts), strict=True)):
@@ -138,8 +144,8 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
             for k, g in grads.items():
                 values[c][k].grad = g
             last[c], examples[c] = grads, examples[c] + n
-            if n:
-                losses[c].append(float(part_loss.mean()))
+            if n and spec.dp is None:  # no host sync, and no loss computed, under DP
+                losses[c].append(part_loss.mean())
         optimizer.step()
     results = []
     for c, (spec, state) in enumerate(zip(specs, states, strict=True)):
@@ -151,7 +157,7 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
         upload = method.upload(plan, before[c], after, trace)
         local = {**state.local, **{k: after[k] for k in state.local if k in after}}
         new_state = ClientState(local, state.dp_steps + (local_steps if spec.dp else 0))
-        loss_c = float(np.mean(losses[c])) if losses[c] else float("nan")
+        loss_c = float(torch.stack(losses[c]).mean()) if losses[c] else float("nan")
         results.append(ClientResult(upload, new_state, local_steps, loss_c, examples[c]))
     adapted.load({k: v.detach() for k, v in values[-1].items()})  # as the sequential engine leaves it
     adapted.set_active(set(adapted.params))

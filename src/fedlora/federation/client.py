@@ -41,8 +41,12 @@ class ClientSpec:
     reproducible_noise: bool = False  # True: noise seeded from the config (NOT private against its holders)
 
     def noise(self, seed: int, rnd: int, device: torch.device | str = "cpu") -> NoiseSource:
-        """The DP noise of this client's round: secure randomness unless reproducible noise was asked for."""
-        return noise_stream(self.reproducible_noise, seed, "client", self.cid, rnd, device=device)
+        """The DP noise of this client's round: secure randomness unless reproducible noise was asked for.
+
+        A reproducible stream is drawn on the CPU whatever ``device`` is (each draw then moves to
+        the tensor's device), so a seeded run gives the same noise on cuda and on cpu."""
+        del device  # the stream's draws land on each tensor's device (privacy/noise.py)
+        return noise_stream(self.reproducible_noise, seed, "client", self.cid, rnd)
 
     @property
     def expected_batch(self) -> float:
@@ -75,23 +79,30 @@ def _optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
 
 
 def poisson_batch(n: int, rate: float, gen: torch.Generator) -> np.ndarray:
-    """Indices 0..n-1 each kept independently with probability ``rate``."""
+    """Indices 0..n-1 each kept independently with probability ``rate``.
+
+    Sampling stays on the CPU (``gen`` is a CPU generator, the same stream on every device):
+    the rows index the task's host-side examples, and no device sync is needed to know them."""
     return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten().numpy()
 
 
-def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str], noise: NoiseSource) -> tuple[State, float]:
-    """One step's gradient of the active tensors: privatised with DP, plain mean without."""
+def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str],
+                    noise: NoiseSource) -> tuple[State, torch.Tensor | None]:
+    """One step's gradient of the active tensors: privatised with DP, plain mean without.
+
+    The second value is the batch's mean loss as a 0-d tensor on the device, without DP only
+    (None under DP, where the loss is never released, and for an empty batch): no host sync."""
     adapted, task = rt.adapted, rt.task
     params = {k: adapted.params[k] for k in active}
     if len(rows) == 0:
         zero = {k: torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype) for k, p in params.items()}
-        return (privatize(zero, spec.dp, noise) if spec.dp else {k: torch.zeros_like(p) for k, p in params.items()}), float("nan")
+        return (privatize(zero, spec.dp, noise) if spec.dp else {k: torch.zeros_like(p) for k, p in params.items()}), None
     batch = task.batch(task.train, spec.indices[rows], rt.device)
     if spec.dp is None:
         with rt.autocast():
             losses = task.loss(adapted.model, batch)
         grads = torch.autograd.grad(losses.mean(), list(params.values()))
-        return dict(zip(params, grads, strict=True)), float(losses.detach().mean())
+        return dict(zip(params, grads, strict=True)), losses.detach().mean()
     rt.hooks.enabled = True
     try:
         with rt.autocast():
@@ -113,7 +124,7 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
                 return task.loss(adapted.model, {k: v[i] for k, v in batch.items()})
 
         per_sample.update(loop_per_sample(sub, loss_of, len(rows)))
-    return privatize(per_sample, spec.dp, noise), float(losses.detach().float().mean())
+    return privatize(per_sample, spec.dp, noise), None  # the loss is not released under DP
 
 
 def run_client(
@@ -137,7 +148,8 @@ def run_client(
     gen = generator(seed, "client", spec.cid, plan.round)  # Poisson sampling (CPU stream)
     noise = spec.noise(seed, plan.round, rt.device)
     last: State = {}
-    losses, examples = [], 0
+    losses: list[torch.Tensor] = []  # device scalars, without DP only: one host sync per round
+    examples = 0
     for step in range(local_steps):
         active = sorted(method.schedule.active(plan, step))
         adapted.set_active(set(active))
@@ -151,7 +163,7 @@ def run_client(
             probe_point = (spec.indices[rows], adapted.state(active))
         optimizer.step()
         last, examples = grads, examples + len(rows)
-        if not np.isnan(loss):
+        if loss is not None:
             losses.append(loss)
     adapted.set_active(set(adapted.params))
     after = adapted.state(sorted(plan.trainable))
@@ -164,7 +176,8 @@ def run_client(
     upload = method.upload(plan, before, after, trace)
     local = {**state.local, **{k: after[k] for k in state.local if k in after}}
     new_state = ClientState(local, state.dp_steps + (local_steps if spec.dp else 0))
-    return ClientResult(upload, new_state, local_steps, float(np.mean(losses)) if losses else float("nan"), examples)
+    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    return ClientResult(upload, new_state, local_steps, mean_loss, examples)
 
 
 def weaker_privacy(own, asked) -> str | None:

@@ -34,8 +34,6 @@ def unbatchable(sim: Any) -> str | None:
         return "federation.client_timeout_s times each client on its own"
     if cfg.adapter.type != "lora":
         return f"adapter.type={cfg.adapter.type} (only LoRA factors and the head batch)"
-    if cfg.train.precision != "fp32":
-        return f"train.precision={cfg.train.precision} (the batched pass runs in fp32 only)"
     if getattr(sim.method, "reads_private_data", ""):
         return f"method {sim.method.name} re-reads a client's private batch after its steps"
     if type(sim.method.schedule) not in STATELESS_SCHEDULES:

@@ -194,11 +194,12 @@ def clipped_sum(per_sample: Grads, factors: torch.Tensor) -> Grads:
 
 def add_noise(summed: Grads, *, std: float, noise: NoiseSource) -> Grads:
     """Each tensor plus N(0, std^2) per coordinate, in the tensor's own order (sorted names)."""
-    out = {}
-    for k in sorted(summed):
-        s = summed[k]
-        out[k] = s + std * noise.normal(s.shape, dtype=torch.float32, device=s.device).to(s.dtype)
-    return out
+    names = sorted(summed)
+    if not names:
+        return {}
+    device = summed[names[0]].device  # one draw for the step (one copy to the device)
+    draws = noise.normals([summed[k].shape for k in names], dtype=torch.float32, device=device)
+    return {k: summed[k] + std * z.to(summed[k].dtype) for k, z in zip(names, draws, strict=True)}
 
 
 def privatize(per_sample: Grads, dp: DPParams, noise: NoiseSource) -> Grads:
