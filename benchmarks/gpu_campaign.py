@@ -46,6 +46,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 TOLERANCE = 1e-3  # correctness: relative distance of the final global state, cuda vs cpu (fp32, no TF32)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM), what MFU is stated against
@@ -537,23 +539,25 @@ def setup(args: argparse.Namespace, work: Path) -> argparse.Namespace:
     ctx.clients, ctx.batch, ctx.batched_steps, ctx.rows_per_client = 16, 64, 3, 640
     ctx.repeats, ctx.repeats_batched = 10, 3
     ctx.encoder = {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "tokens": 128, "batch": 32}
+    if args.assets is None and not args.smoke:
+        raise SystemExit("--assets DIR is needed (prepare it with benchmarks/gpu_assets.py); or run --smoke")
+    if args.assets is not None:  # MiniLM and Rotten Tomatoes from the carried folder (--smoke too: checks it)
+        assets = Path(args.assets)
+        ctx.protocol_dir, ctx.protocol_data = minilm_fp32(assets, work), assets / "rotten_tomatoes.csv"
+        ctx.corr_model, ctx.corr_data = ctx.protocol_dir, ctx.protocol_data
     if args.smoke:  # the same code at tiny sizes, on the CPU, from files written here
         tiny = bert_dir(work / "tiny-bert", hidden=16, layers=2, heads=2, intermediate=32, positions=64)
         ctx.corr_model, ctx.corr_data = tiny, sentences_csv(work / "corr.csv", 240, 6)
         ctx.encoder = {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "tokens": 24, "batch": 8}
-        ctx.protocol_dir, ctx.protocol_data = tiny, sentences_csv(work / "protocol.csv", 480, 6, seed=1)
+        if args.assets is None:
+            ctx.protocol_dir, ctx.protocol_data = tiny, sentences_csv(work / "protocol.csv", 480, 6, seed=1)
         ctx.protocol_model = {**ctx.protocol_model, "task.num_layers": 2, "task.max_length": 16, "train.threads": 1}
         ctx.grid_overrides.update({"federation.rounds": 2, "federation.local_steps": 2, "train.batch_size": 16,
-                                   "privacy.accountant": "rdp", "task.max_test_examples": 64, "eval.every": 2})
+                                   "privacy.accountant": "rdp", "task.max_train_examples": 480,
+                                   "task.max_test_examples": 64, "eval.every": 2})
         ctx.epsilons, ctx.seeds, ctx.grid_methods = [3.0], 1, ["dp-lora", "fedsa-lora"]
         ctx.clients, ctx.batch, ctx.batched_steps, ctx.rows_per_client = 4, 8, 2, 24
         ctx.repeats, ctx.repeats_batched = 2, 1
-    else:
-        if args.assets is None:
-            raise SystemExit("--assets DIR is needed (prepare it with benchmarks/gpu_assets.py); or run --smoke")
-        assets = Path(args.assets)
-        ctx.protocol_dir, ctx.protocol_data = minilm_fp32(assets, work), assets / "rotten_tomatoes.csv"
-        ctx.corr_model, ctx.corr_data = ctx.protocol_dir, ctx.protocol_data
     e = ctx.encoder
     ctx.encoder_dir = bert_dir(work / "encoder", hidden=e["hidden"], layers=e["layers"], heads=e["heads"],
                                intermediate=e["intermediate"], positions=max(64, e["tokens"] + 8))
