@@ -1,7 +1,9 @@
 """DP step time / non-private step time, measured side by side in one run.
 
 Both steps use the same model, batch, active tensors and Poisson batch; the DP step adds the
-fused per-sample gradients (hooks + einsum), flat clipping and Gaussian noise.
+fused per-sample gradients (hooks + einsum), flat clipping and Gaussian noise. The DP step runs
+twice: with the default secure noise (``os.urandom``, privacy/noise.py) and with the seeded
+stream of ``privacy.reproducible_noise``; their ratio is the price of secure noise.
 
     python benchmarks/dp_overhead.py                       # the demo model (configs/demo.yaml)
     python benchmarks/dp_overhead.py --set task.num_layers=6 --set adapter.layers=null
@@ -21,6 +23,7 @@ from fedlora.config import load_config, parse_override
 from fedlora.federation.client import ClientSpec, local_gradients
 from fedlora.federation.runtime import Runtime
 from fedlora.privacy.dpsgd import DPParams
+from fedlora.privacy.noise import SecureNoise, SeededNoise
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -30,6 +33,32 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def noise_draws(shapes: list[tuple[int, ...]], device: torch.device, repeats: int = 21) -> dict[str, float]:
+    """Median seconds to draw one DP step's noise for these tensor shapes, per source."""
+    secure, seeded = SecureNoise(), SeededNoise(torch.Generator().manual_seed(0))
+    variants = {
+        "secure, one draw per step": lambda: secure.normals(shapes, dtype=torch.float32, device=device),
+        "secure, one draw per tensor": lambda: [secure.normal(sh, dtype=torch.float32, device=device) for sh in shapes],
+        "seeded (CPU generator)": lambda: seeded.normals(shapes, dtype=torch.float32, device=device),
+    }
+    out = {}
+    for k, fn in variants.items():
+        fn()
+        out[k] = statistics.median(timed(fn, repeats))
+    # As in training: the step computes (here: 35 ms of waiting, like a GPU step) while the entropy
+    # pool reads ahead on its thread, then the noise is drawn.
+    ahead = []
+    for _ in range(repeats):
+        time.sleep(0.035)
+        ahead += timed(variants["secure, one draw per step"], 1)
+    out["secure, one draw per step, after a 35 ms step"] = statistics.median(ahead)
+    return out
+
+
+# RoBERTa-base, LoRA r 8 on query/value of its 12 layers (A: 8 x 768, B: 768 x 8) + a 2-class head
+ROBERTA_BASE_R8 = [(8, 768), (768, 8)] * 24 + [(2, 768), (2,)]
 
 
 def main() -> None:
@@ -48,20 +77,20 @@ def main() -> None:
     rows = np.random.default_rng(0).choice(n, size=args.batch, replace=False)
     active = sorted(rt.adapted.params)
     rt.adapted.set_active(set(active))
-    gen = torch.Generator().manual_seed(0)
+    secure, seeded = SecureNoise(), SeededNoise(torch.Generator().manual_seed(0))
     plain = ClientSpec(0, np.arange(n), args.batch / n, None, 1)
     private = ClientSpec(0, np.arange(n), args.batch / n, DPParams(1.0, 2.0, args.batch), 1)
 
-    def step(spec):
-        return lambda: local_gradients(rt, spec, rows, active, gen)
+    def step(spec, noise=secure):
+        return lambda: local_gradients(rt, spec, rows, active, noise)
 
-    variants = {"non-private": step(plain), "dp (fused)": step(private)}
+    variants = {"non-private": step(plain), "dp (fused)": step(private), "dp (fused, seeded)": step(private, seeded)}
     if rt.hooks.vera:  # VeRA: also time the exact one-example loop its vectors used before the fused hooks
 
         def looped():
             fused, rt.hooks.fused = rt.hooks.fused, set(rt.hooks.linear)
             try:
-                return local_gradients(rt, private, rows, active, gen)
+                return local_gradients(rt, private, rows, active, secure)
             finally:
                 rt.hooks.fused = fused
 
@@ -78,6 +107,15 @@ def main() -> None:
     for k, v in times.items():
         med = statistics.median(v)
         print(f"{k:20s} {1000 * med:8.1f} ms/step   ratio to non-private {med / base:5.3f}")
+    secure_s, seeded_s = statistics.median(times["dp (fused)"]), statistics.median(times["dp (fused, seeded)"])
+    n_noise = sum(rt.adapted.params[k].numel() for k in active)
+    print(f"secure / seeded noise: DP step time ratio {secure_s / seeded_s:5.3f} ({n_noise:,} noised values per step)")
+    for label, shapes in (("this model", [tuple(rt.adapted.params[k].shape) for k in active]),
+                          ("RoBERTa-base r8 q/v", ROBERTA_BASE_R8)):
+        draws = noise_draws(shapes, rt.device)
+        values = sum(int(np.prod(sh)) for sh in shapes)
+        print(f"noise alone, {label} ({values:,} values, {len(shapes)} tensors): "
+              + ", ".join(f"{k} {1000 * t:.2f} ms" for k, t in draws.items()))
 
 
 if __name__ == "__main__":
