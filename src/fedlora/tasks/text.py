@@ -150,6 +150,7 @@ class TextClassificationTask(PrefixCachedClassification):
         self.train = self._encode(train)
         self.test = self._encode(test)
         self.prefix_start = 0  # > 0: batches carry hidden states cached at this layer's input
+        self._device_cache: dict[str, tuple[torch.Tensor, np.ndarray]] = {}  # split -> (padded cache, lengths)
 
     def _encode(self, df: Any) -> ExampleSet:
         if len(df) == 0:  # the Flower server's training split
@@ -191,6 +192,30 @@ class TextClassificationTask(PrefixCachedClassification):
                     cached[int(i)] = h[row, : len(examples.features["input_ids"][int(i)])]
             examples.features["hidden"] = cached
         self.prefix_start = start
+        self._device_cache = {}
+        if torch.device(device).type != "cpu":
+            self.keep_cache_on(device)
+
+    def keep_cache_on(self, device: torch.device | str, max_fraction: float = 0.25) -> None:
+        """Also hold the prefix cache of the train and test splits on ``device``, zero-padded to the
+        longest example: a batch is then one gather there instead of host padding and a copy. The
+        host copy stays (subsets such as a client's test share use it). Skipped for a split whose
+        padded cache would take more than ``max_fraction`` of the device's free memory."""
+        device = torch.device(device)
+        self._device_cache = {}
+        for name in ("train", "test"):
+            rows = getattr(self, name).features.get("hidden")
+            if not rows:
+                continue
+            lengths = np.array([len(x) for x in rows], dtype=np.int64)
+            width, size = int(lengths.max()), rows[0].shape[-1]
+            need = len(rows) * width * size * 4
+            if device.type == "cuda" and need > max_fraction * torch.cuda.mem_get_info(device)[0]:
+                continue
+            padded = np.zeros((len(rows), width, size), dtype=np.float32)  # (examples, tokens, hidden)
+            for r, x in enumerate(rows):
+                padded[r, : len(x)] = x
+            self._device_cache[name] = (torch.from_numpy(padded).to(device), lengths)
 
     def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         if self.prefix_start > 0:
@@ -214,6 +239,17 @@ class TextClassificationTask(PrefixCachedClassification):
         return batch
 
     def _hidden_batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        split = "train" if examples is self.train else "test" if examples is self.test else None
+        held = getattr(self, "_device_cache", {}).get(split)
+        if held is not None and len(indices) and held[0].device.type == torch.device(device).type:
+            cache, lengths = held
+            idx = np.asarray(indices, dtype=np.int64)
+            lens = lengths[idx]
+            width = int(lens.max())
+            mask = (np.arange(width)[None, :] < lens[:, None]).astype(np.int64)  # (batch, tokens)
+            return {"hidden": cache[torch.from_numpy(idx).to(cache.device), :width],
+                    "attention_mask": torch.from_numpy(mask).to(device),
+                    "labels": torch.from_numpy(examples.labels[idx]).to(device)}
         rows = [examples.features["hidden"][int(i)] for i in indices]
         width = max((len(x) for x in rows), default=1)
         hidden = np.zeros((len(rows), width, rows[0].shape[-1] if rows else 1), dtype=np.float32)  # (batch, tokens, hidden)
