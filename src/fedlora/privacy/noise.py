@@ -34,6 +34,8 @@ from typing import Protocol
 
 import torch
 
+from fedlora.devices import to_device
+
 NOT_PRIVATE_WITH_CONFIG = "reproducible noise: NOT private against anyone who holds the config (seeded DP noise)"
 
 
@@ -129,7 +131,7 @@ def secure_standard_normal(n: int, device: torch.device | str = "cpu") -> torch.
     """n float64 standard normals on ``device`` from ``os.urandom`` (Box-Muller on 53-bit uniforms)."""
     pairs = (n + 1) // 2
     raw = torch.frombuffer(bytearray(secure_bytes(16 * pairs)), dtype=torch.int64)  # 64 random bits each
-    b = (raw.to(device) & _LOW53).view(2, pairs).to(torch.float64)  # one copy; 53-bit integers, exact in float64
+    b = (to_device(raw, device) & _LOW53).view(2, pairs).to(torch.float64)  # one copy; 53-bit integers, exact in float64
     u1 = (b[0] + 1.0) * 2.0**-53  # (0, 1]: log is finite
     u2 = b[1] * 2.0**-53  # [0, 1)
     radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2.0 * math.pi) * u2
@@ -164,7 +166,7 @@ class SeededNoise:
                device: torch.device | str = "cpu") -> torch.Tensor:
         draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         z = torch.randn(tuple(shape), generator=self.generator, dtype=draw_dtype, device=self.generator.device)
-        return z.to(device=device, dtype=dtype)
+        return to_device(z, device).to(dtype)
 
     def normals(self, shapes: list[Shape], *, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> list[torch.Tensor]:

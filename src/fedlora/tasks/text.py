@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedlora.devices import to_device
 from fedlora.errors import DataError
 from fedlora.tasks.base import (
     ExampleSet,
@@ -234,8 +235,8 @@ class TextClassificationTask(PrefixCachedClassification):
                 x = examples.features["token_type_ids"][int(i)]
                 tt[row, : len(x)] = x
             out["token_type_ids"] = tt
-        batch = {k: torch.from_numpy(v).to(device) for k, v in out.items()}
-        batch["labels"] = torch.from_numpy(examples.labels[np.asarray(indices, dtype=np.int64)]).to(device)
+        batch = {k: to_device(torch.from_numpy(v), device) for k, v in out.items()}
+        batch["labels"] = to_device(torch.from_numpy(examples.labels[np.asarray(indices, dtype=np.int64)]), device)
         return batch
 
     def _hidden_batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -247,9 +248,9 @@ class TextClassificationTask(PrefixCachedClassification):
             lens = lengths[idx]
             width = int(lens.max())
             mask = (np.arange(width)[None, :] < lens[:, None]).astype(np.int64)  # (batch, tokens)
-            return {"hidden": cache[torch.from_numpy(idx).to(cache.device), :width],
-                    "attention_mask": torch.from_numpy(mask).to(device),
-                    "labels": torch.from_numpy(examples.labels[idx]).to(device)}
+            return {"hidden": cache[to_device(torch.from_numpy(idx), cache.device), :width],
+                    "attention_mask": to_device(torch.from_numpy(mask), device),
+                    "labels": to_device(torch.from_numpy(examples.labels[idx]), device)}
         rows = [examples.features["hidden"][int(i)] for i in indices]
         width = max((len(x) for x in rows), default=1)
         hidden = np.zeros((len(rows), width, rows[0].shape[-1] if rows else 1), dtype=np.float32)  # (batch, tokens, hidden)
@@ -258,8 +259,8 @@ class TextClassificationTask(PrefixCachedClassification):
             hidden[r, : len(x)] = x
             mask[r, : len(x)] = 1
         labels = examples.labels[np.asarray(indices, dtype=np.int64)]
-        return {"hidden": torch.from_numpy(hidden).to(device), "attention_mask": torch.from_numpy(mask).to(device),
-                "labels": torch.from_numpy(labels).to(device)}
+        return {"hidden": to_device(torch.from_numpy(hidden), device), "attention_mask": to_device(torch.from_numpy(mask), device),
+                "labels": to_device(torch.from_numpy(labels), device)}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: ExampleSet, batch_size: int, device: torch.device) -> dict[str, float]:
