@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedlora.devices import non_finite
 from fedlora.errors import Refused
 from fedlora.federation.runtime import Runtime
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
@@ -221,13 +222,14 @@ class ClientNode:
 
     # ------------------------------------------------------------------ checks of what comes in
     def check_download(self, download: State) -> None:
+        bad = non_finite(download)  # one host sync for the whole download
         for k, v in download.items():
             if k in self.local_keys:
                 raise Refused(f"client {self.cid} refused the download: '{k}' is kept on the client")
             if k not in self.shapes:
                 raise Refused(f"client {self.cid} refused the download: '{k}' is not a shared adapter tensor")
             shape, dtype = self.shapes[k]
-            if tuple(v.shape) != shape or v.dtype != dtype or not bool(torch.isfinite(v).all()):
+            if tuple(v.shape) != shape or v.dtype != dtype or k in bad:
                 raise Refused(f"client {self.cid} refused the download: '{k}' is {tuple(v.shape)} {v.dtype} "
                               f"(expected {shape} {dtype}, finite)")
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora.devices import all_finite
 from fedlora.errors import BudgetExhausted, ClientsFailed, FedloraError
 from fedlora.federation.client import ClientNode, ClientResult
 from fedlora.federation.server import RoundOutcome, round_half_up
@@ -52,7 +53,7 @@ def crash_step(seed: int, cid: int, rnd: int, attempt: int, local_steps: int) ->
 
 
 def finite(upload: State) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in upload.values() if v.is_floating_point())
+    return all_finite([v for v in upload.values() if v.is_floating_point()])  # one host sync
 
 
 @dataclass

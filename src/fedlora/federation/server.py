@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from fedlora.devices import non_finite
 from fedlora.errors import BudgetExhausted, ClientsFailed
 from fedlora.federation.diagnostics import round_diagnostics
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
@@ -97,6 +98,7 @@ def upload_problem(upload: State, plan: RoundPlan, global_state: State, side_pre
         return f"missing key '{sorted(expected - model_keys)[0]}'"
     if model_keys - expected:
         return f"unexpected key '{sorted(model_keys - expected)[0]}'"
+    bad = non_finite({k: v for k, v in upload.items() if isinstance(v, torch.Tensor) and v.is_floating_point()})
     for k, v in sorted(upload.items()):
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             return f"'{k}' is not a floating-point tensor"
@@ -104,7 +106,7 @@ def upload_problem(upload: State, plan: RoundPlan, global_state: State, side_pre
             return f"'{k}' is {tuple(v.shape)} {v.dtype}, expected {tuple(global_state[k].shape)} {global_state[k].dtype}"
         if k not in expected and v.numel() != 1:
             return f"side value '{k}' has {v.numel()} values, expected 1"
-        if not bool(torch.isfinite(v).all()):
+        if k in bad:
             return f"non-finite values in '{k}'"
     return None
 
