@@ -424,7 +424,8 @@ def grid(ctx: argparse.Namespace, deadline: float) -> dict[str, Any]:
     from fedlora.report.runtime_pool import RuntimePool  # noqa: PLC0415
 
     known = available_methods()
-    methods = [m for m in ctx.grid_methods if m in known] + [m for m in HEAD_ONLY if m in known][:1]
+    head_only = [m for m in HEAD_ONLY if m in known] or sorted(m for m in known if "head" in m)
+    methods = [m for m in ctx.grid_methods if m in known] + head_only[:1]
     tree = {"task": {"name": "text-classification", "dataset": str(ctx.protocol_data), "model": str(ctx.protocol_dir)}}
     path = ctx.work / "protocol.yaml"
     path.write_text(yaml.safe_dump(tree), encoding="utf-8")

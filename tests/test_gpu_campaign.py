@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 30-40 s on the shared 2-core machine (still in `make test`)
 def test_gpu_campaign_smoke_runs_every_section(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -36,6 +39,6 @@ def test_gpu_campaign_smoke_runs_every_section(tmp_path: Path) -> None:
         assert r["uploads_max_rel_diff"] < 1e-5 and r["batched_flops"] > 0 and r["speedup"] > 0
     # the grid ran its cells
     grid = result["grid"]
-    assert grid["cells_run"] == 2 and all("accuracy" in r and r["epsilon_spent"] <= 3.0 + 1e-9 for r in grid["rows"])
+    assert grid["cells_run"] == len(grid["methods"]) >= 2 and all("accuracy" in r and r["epsilon_spent"] <= 3.0 + 1e-9 for r in grid["rows"])
     md = (tmp_path / "campaign.md").read_text(encoding="utf-8")
     assert "## Correctness" in md and "## DP step" in md and "## Batched" in md and "## Protocol grid" in md
