@@ -94,13 +94,20 @@ class FederationConfig(_Section):
     weighting: Literal["data-size", "uniform"] = "data-size"
     min_clients: int = Field(1, ge=1, description="fewest successful clients a round aggregates (else retry/stop)")
     retries: int = Field(0, ge=0, description="re-runs of a round's failed clients when too few succeeded")
-    client_timeout_s: float | None = Field(None, gt=0, description="drop a client whose round takes longer")
     faults: FaultConfig = Field(default_factory=FaultConfig)
     batched_clients: int | Literal["auto"] = Field(
         0, description="clients trained together in one pass over the shared backbone: 0 (off, one after another), "
         "K (refused if the run cannot batch), or 'auto' (K from free memory; falls back to 0 when it cannot batch); "
         "see federation/clients_per_pass.py"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "client_timeout_s" in data:
+            raise ValueError("federation.client_timeout_s was removed: in-process clients share one model, so a hung "
+                             "client cannot be abandoned safely; drop the key (on Flower, --round-timeout bounds a round)")
+        return data
 
     @model_validator(mode="after")
     def _batched(self) -> FederationConfig:
