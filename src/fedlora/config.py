@@ -105,6 +105,8 @@ class FederationConfig(_Section):
     @classmethod
     def _removed(cls, data: Any) -> Any:
         if isinstance(data, dict) and "client_timeout_s" in data:
+            if data["client_timeout_s"] is None:  # written by older runs' config.yaml: nothing to honour
+                return {k: v for k, v in data.items() if k != "client_timeout_s"}
             raise ValueError("federation.client_timeout_s was removed: in-process clients share one model, so a hung "
                              "client cannot be abandoned safely; drop the key (on Flower, --round-timeout bounds a round)")
         return data
