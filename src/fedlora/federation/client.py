@@ -24,7 +24,7 @@ import torch
 from fedlora.errors import Refused
 from fedlora.federation.runtime import Runtime
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
-from fedlora.privacy.dpsgd import DPParams, privatize
+from fedlora.privacy.dpsgd import DPParams, privatize, sum_by_record
 from fedlora.privacy.noise import NoiseSource, noise_stream
 from fedlora.seeds import generator, seeded_torch
 
@@ -123,7 +123,9 @@ def _local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: li
             with rt.autocast():
                 return task.loss(adapted.model, {k: v[i] for k, v in batch.items()})
 
-        per_sample.update(loop_per_sample(sub, loss_of, len(rows)))
+        per_sample.update(loop_per_sample(sub, loss_of, len(losses)))
+    if "record" in batch:  # several rows per example (QA windows): one clipped contribution per example
+        per_sample = sum_by_record(per_sample, batch["record"], len(rows))
     return privatize(per_sample, spec.dp, noise), float(losses.detach().float().mean())
 
 

@@ -32,6 +32,8 @@ def unbatchable(sim: Any) -> str | None:
         return "federation.faults injects failures client by client"
     if cfg.adapter.dropout > 0:
         return f"adapter.dropout={cfg.adapter.dropout:g} (dropout masks are drawn per client and step)"
+    if "windows" in rt.task.train.features:
+        return f"task {cfg.task.name}: an example spans several rows (its windows)"
     if cfg.adapter.type != "lora":
         return f"adapter.type={cfg.adapter.type} (only LoRA factors and the head batch)"
     if cfg.train.precision != "fp32":

@@ -188,6 +188,13 @@ def clip_factors(per_sample: Grads, clip_norm: float) -> torch.Tensor:
     return (clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
 
 
+def sum_by_record(per_sample: Grads, record: torch.Tensor, records: int) -> Grads:
+    """Per-record gradients from per-row ones: the rows of one record (a QA example's windows) summed,
+    so that clipping bounds the whole record's contribution, not each row's."""
+    return {k: torch.zeros((records, *g.shape[1:]), dtype=g.dtype, device=g.device).index_add_(0, record.to(g.device), g)
+            for k, g in per_sample.items()}
+
+
 def clipped_sum(per_sample: Grads, factors: torch.Tensor) -> Grads:
     return {k: torch.einsum("b,b...->...", factors.to(g.dtype), g) for k, g in per_sample.items()}
 
