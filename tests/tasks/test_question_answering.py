@@ -31,11 +31,11 @@ def tiny_qa_model(tmp_path_factory) -> Path:
     return path
 
 
-def make_squad(n: int, seed: int = 0) -> list[dict]:
+def make_squad(n: int, seed: int = 0, context_words: int = 12) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        words = list(rng.choice(NEUTRAL, size=12))
+        words = list(rng.choice(NEUTRAL, size=context_words))
         answer = str(rng.choice(POSITIVE + NEGATIVE))
         at = int(rng.integers(0, len(words)))
         words.insert(at, answer)
@@ -133,21 +133,6 @@ def test_answers_written_as_text_in_a_csv_cell_load_like_json(qa_cfg, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(*spans, strict=True))
 
 
-def _long_contexts(n: int, seed: int = 1) -> list[dict]:
-    """Contexts of ~40 words: at least 3 windows of 16 tokens each, the answer in one of them."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        words = list(rng.choice(NEUTRAL, size=40))
-        answer = str(rng.choice(POSITIVE + NEGATIVE))
-        at = int(rng.integers(0, len(words)))
-        words.insert(at, answer)
-        start = len(" ".join(words[:at])) + (1 if at else 0)
-        rows.append({"id": str(i), "question": "the story was", "context": " ".join(words),
-                     "answers": {"text": [answer], "answer_start": [start]}})
-    return rows
-
-
 def test_an_example_not_a_window_is_the_unit_of_privacy(qa_cfg, tmp_path):
     """All windows of an example land on one client, are sampled together, and removing the example
     moves the noiseless clipped sum by at most C (the whole example is one clipped contribution)."""
@@ -155,7 +140,7 @@ def test_an_example_not_a_window_is_the_unit_of_privacy(qa_cfg, tmp_path):
     from fedlora.privacy.dpsgd import clip_factors, clipped_sum, sum_by_record
 
     data = tmp_path / "long.json"
-    data.write_text(json.dumps(_long_contexts(40)), encoding="utf-8")
+    data.write_text(json.dumps(make_squad(40, seed=1, context_words=40)), encoding="utf-8")  # >= 3 windows each
     sim = Simulation(qa_cfg(dataset=str(data)))
     task, windows = sim.rt.task, sim.rt.task.train.extra["windows"]
     counts = [len(g) for g in task.train.features["windows"]]
