@@ -179,7 +179,8 @@ class CausalLMTask:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (batch, tokens, vocab)
         labels = batch["labels"]
         keep = labels != IGNORE
-        nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays fp64
+        nll = nn.functional.cross_entropy(wide.transpose(1, 2), labels.clamp(min=0), reduction="none")
         hits = (logits.argmax(-1) == labels) & keep
         return nll * keep, keep, hits
 
