@@ -258,3 +258,15 @@ def test_compare_runs_on_causal_lm(decoders: dict[str, Path], pairs: Path, tmp_p
     assert result.exit_code == 0, result.output
     md = (tmp_path / "cmp" / "lm" / "results.md").read_text()
     assert "accuracy (exact match)" in md and "| dp-lora" in md and "| fedsa-lora" in md and "Majority" not in md, md
+
+
+def test_batched_clients_give_the_sequential_result(lm_cfg) -> None:
+    """K clients per pass over the shared decoder (federation/batched.py) equal one after another."""
+    states = []
+    for k in (0, 2):
+        sim = Simulation(lm_cfg(federation={"num_clients": 2, "rounds": 1, "local_steps": 2, "batched_clients": k},
+                                train={"threads": 1}))
+        assert sim.batched_k == k
+        states.append(sim.run().global_state)
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-5, atol=1e-6)
