@@ -58,7 +58,8 @@ def resolve_target_modules(model: nn.Module, cfg: Any) -> list[str]:
     return list(mapping[model_type])
 
 
-def _peft_config(cfg: Any, head: list[str] | None, targets: list[str] | None = None) -> Any:
+def _peft_config(cfg: Any, head: list[str] | None, targets: list[str] | None = None, fan_in_fan_out: bool = False) -> Any:
+    """``fan_in_fan_out``: the targets are GPT-2's Conv1D (weight (in, out)); PEFT would set it itself, with a warning."""
     import peft  # noqa: PLC0415
 
     common = {
@@ -69,7 +70,8 @@ def _peft_config(cfg: Any, head: list[str] | None, targets: list[str] | None = N
     if cfg.type == "vera":
         return peft.VeraConfig(r=cfg.rank, vera_dropout=cfg.dropout, save_projection=True, **common)
     return peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora, **common
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+        fan_in_fan_out=fan_in_fan_out, **common
     )
 
 
@@ -174,7 +176,9 @@ def inject_adapters(model: nn.Module, cfg: Any, seed: int, head: str = "classifi
             raise ConfigError(f"VeRA (adapter.type=vera) adapts linear layers only, but '{convs[0]}' is a convolution; "
                               "use adapter.type=lora (and a LoRA method) for this model")
     torch.manual_seed(seed)
-    peft_model = peft.get_peft_model(model, _peft_config(cfg, [head] if cfg.train_head else None, targets))
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.split(".")[-1] in targets}
+    peft_model = peft.get_peft_model(model, _peft_config(cfg, [head] if cfg.train_head else None, targets,
+                                                         fan_in_fan_out=kinds == {"Conv1D"}))
     factors = find_factors(peft_model)
     if not any(f.role in ("A", "B") for f in factors):
         from fedlora.errors import ConfigError  # noqa: PLC0415
