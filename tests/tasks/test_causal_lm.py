@@ -57,6 +57,22 @@ def test_config_defaults_no_head_and_per_architecture_targets(lm_cfg) -> None:
     assert {f.role for f in rt.adapted.factors} == {"A", "B"}
 
 
+def test_auto_targets_and_conv1d_base_weights_as_out_in(lm_cfg) -> None:
+    from fedlora.adapters import inject_adapters
+    from fedlora.config import AdapterConfig
+
+    with pytest.raises(ConfigError, match="knows no default"):
+        inject_adapters(nn.Sequential(nn.Linear(4, 4)), AdapterConfig(target_modules=["auto"], train_head=False), 0)
+    adapted = Runtime(lm_cfg()).adapted
+    (w0,) = [n for n in adapted.base_weight_names() if ".h.0." in n]
+    stored = adapted.named[w0]
+    assert tuple(stored.shape) == (16, 48) and w0 in adapted.transposed  # GPT-2's Conv1D: (in, out)
+    view = adapted.state([w0])[w0]
+    assert tuple(view.shape) == (48, 16) and torch.equal(view, stored.t())  # as B @ A: (out, in)
+    adapted.load({w0: view + 1.0})
+    assert torch.equal(adapted.named[w0].detach(), (view + 1.0).t())  # written back as (in, out)
+
+
 def test_local_files_columns_and_groups(lm_cfg, tmp_path: Path) -> None:
     df = make_pairs(60).rename(columns={"prompt": "instruction", "response": "output"})
     for path in (tmp_path / "p.csv", tmp_path / "p.parquet"):
