@@ -286,3 +286,18 @@ def test_batched_clients_give_the_sequential_result(lm_cfg) -> None:
         states.append(sim.run().global_state)
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_checkpoint_loads_in_fp32(decoders: dict[str, Path], pairs: Path, tmp_path: Path) -> None:
+    """transformers loads a checkpoint in its own dtype; the task asks for fp32 (factors, per-sample
+    gradients and noise stay fp32; train.precision=bf16 autocasts the forward instead)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(decoders["llama"], bf16)
+    AutoModelForCausalLM.from_pretrained(decoders["llama"]).to(torch.bfloat16).save_pretrained(bf16)
+    assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16
+    rt = Runtime(build_config(lm_tree(bf16, pairs, tmp_path / "runs")))
+    assert {p.dtype for p in rt.adapted.model.parameters()} == {torch.float32}

@@ -164,7 +164,10 @@ class CausalLMTask:
 
         torch.manual_seed(self.seed)
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(self.cfg.model))
+            # float32 weights whatever the checkpoint's dtype (transformers' default is the checkpoint's, often bf16):
+            # PEFT gives the LoRA factors the base layer's dtype, and factors, per-sample gradients and noise stay fp32;
+            # train.precision=bf16 runs the forward under autocast instead.
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(self.cfg.model), dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise DataError(f"could not load causal LM '{self.cfg.model}' ({str(err).splitlines()[0][:120]})") from None
         for module in model.modules():  # a frozen backbone: no dropout (the exact loop needs the same forward)
