@@ -79,8 +79,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         with progress_bar() as bar:
             task = bar.add_task(f"{cfg.method.name} rounds", total=cfg.federation.rounds, status="", completed=sim.round)
 
+            short = {"accuracy": "acc"}.get(label := getattr(sim.rt.task, "metric_label", "accuracy"), label)
+
             def on_round(m: dict[str, Any]) -> None:
-                acc = f"acc {m['accuracy']:.3f} " if "accuracy" in m else ""
+                acc = f"{short} {m['accuracy']:.3f} " if "accuracy" in m else ""
                 eps = f"eps {m['epsilon']:.2f}" if m.get("epsilon") is not None else ""
                 bar.update(task, advance=1, status=acc + eps)
 

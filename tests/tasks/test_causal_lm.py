@@ -301,3 +301,18 @@ def test_a_bf16_checkpoint_loads_in_fp32(decoders: dict[str, Path], pairs: Path,
     assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16
     rt = Runtime(build_config(lm_tree(bf16, pairs, tmp_path / "runs")))
     assert {p.dtype for p in rt.adapted.model.parameters()} == {torch.float32}
+
+
+def test_fedlora_run_on_causal_lm(decoders: dict[str, Path], pairs: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    tree = lm_tree(decoders["llama"], pairs, tmp_path / "runs", federation={"num_clients": 2, "local_steps": 2},
+                   train={"threads": 1})
+    cfg_file = tmp_path / "lm.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["run", str(cfg_file), "--rounds", "1", "-s", "method.name=ffa-lora"])
+    assert result.exit_code == 0, result.output
+    assert "ffa-lora: exact match" in result.output and "held-out perplexity" in result.output
