@@ -126,3 +126,66 @@ def check_short_run(summary: dict, rounds: int, n_test: int, target_epsilon: flo
         assert 0 < eps[0] and all(a < b for a, b in zip(eps, eps[1:], strict=False)) and eps[-1] <= target_epsilon, eps
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter" / "adapter_config.json").is_file()
     return records
+
+
+# ---------------------------------------------------------------- tiny decoders (causal-lm)
+LM_WORDS = ["red", "blue", "green", "cat", "dog", "bird", "one", "two", "three", "big", "small", "fast"]
+LM_VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", "copy", "reverse", ":", *LM_WORDS]
+
+
+def write_tiny_decoder(path: Path, kind: str = "gpt2", seed: int = 0) -> Path:
+    """A random-weight decoder (``gpt2``: GPT-2 with its Conv1D projections; ``llama``: q/k/v/o_proj
+    and a gated MLP, grouped-query attention) and a word-level tokenizer, saved to ``path``
+    (the Llama-style tokenizer adds a BOS token, as Llama's does). Nothing is downloaded."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(LM_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   bos_token="<bos>")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    common = {"vocab_size": len(LM_VOCAB), "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
+              "initializer_range": 0.3}  # logits of a useful scale: the frozen tied embeddings bound them
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                             **common))
+    model.save_pretrained(path)
+    return path
+
+
+def make_pairs(n: int, seed: int = 0) -> pd.DataFrame:
+    """Prompt/response pairs with a learnable rule: 'copy: a b c' -> 'a b c', 'reverse: a b c' -> 'c b a';
+    the column ``kind`` (copy or reverse) can serve as a grouping label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        words = list(rng.choice(LM_WORDS, size=int(rng.integers(2, 5))))
+        kind = "copy" if rng.random() < 0.5 else "reverse"
+        answer = words if kind == "copy" else words[::-1]
+        rows.append({"prompt": f"{kind} : {' '.join(words)}", "response": " ".join(answer), "kind": kind})
+    return pd.DataFrame(rows)
+
+
+def lm_tree(model_dir: Path, data: Path, run_root: Path, **sections: dict) -> dict:
+    """A config tree for a fast causal-lm run on a tiny decoder; sections update the defaults."""
+    tree = tiny_tree(model_dir, data, run_root, **sections)
+    tree["task"] = {"name": "causal-lm", "dataset": str(data), "model": str(model_dir), "max_length": 16,
+                    **sections.get("task", {})}
+    tree["adapter"] = {"rank": 2, "alpha": 4, **sections.get("adapter", {})}
+    return tree

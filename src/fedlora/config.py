@@ -49,6 +49,11 @@ class TaskConfig(_Section):
     cache_prefix: bool = Field(
         True, description="cache the frozen layers below the first adapted layer (exact, much faster)"
     )
+    prompt_column: str = Field("prompt", description="causal-lm: the column holding each example's prompt")
+    response_column: str = Field("response", description="causal-lm: the column holding each example's response")
+    prompt_template: str = Field(
+        "{prompt}\n", description="causal-lm: how a prompt is written before its response ('{prompt}' is replaced)"
+    )
 
 
 class AdapterConfig(_Section):
@@ -59,7 +64,10 @@ class AdapterConfig(_Section):
     alpha: float = Field(8.0, gt=0, description="scale s = alpha/r (alpha/sqrt(r) with rslora)")
     dropout: float = Field(0.0, ge=0, lt=1)
     rslora: bool = False
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="module names to adapt; [auto]: PEFT's default for the model's architecture (the causal-lm default)",
+    )
     layers: list[int] | None = Field(None, description="adapt only these transformer layers")
     train_head: bool = Field(True, description="train the classification head")
     federate_head: bool = Field(True, description="send the head to the server (else it stays local)")
@@ -94,13 +102,22 @@ class FederationConfig(_Section):
     weighting: Literal["data-size", "uniform"] = "data-size"
     min_clients: int = Field(1, ge=1, description="fewest successful clients a round aggregates (else retry/stop)")
     retries: int = Field(0, ge=0, description="re-runs of a round's failed clients when too few succeeded")
-    client_timeout_s: float | None = Field(None, gt=0, description="drop a client whose round takes longer")
     faults: FaultConfig = Field(default_factory=FaultConfig)
     batched_clients: int | Literal["auto"] = Field(
         0, description="clients trained together in one pass over the shared backbone: 0 (off, one after another), "
         "K (refused if the run cannot batch), or 'auto' (K from free memory; falls back to 0 when it cannot batch); "
         "see federation/clients_per_pass.py"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "client_timeout_s" in data:
+            if data["client_timeout_s"] is None:  # written by older runs' config.yaml: nothing to honour
+                return {k: v for k, v in data.items() if k != "client_timeout_s"}
+            raise ValueError("federation.client_timeout_s was removed: in-process clients share one model, so a hung "
+                             "client cannot be abandoned safely; drop the key (on Flower, --round-timeout bounds a round)")
+        return data
 
     @model_validator(mode="after")
     def _batched(self) -> FederationConfig:
@@ -179,6 +196,9 @@ class OutputConfig(_Section):
     keep_every: int | None = Field(None, gt=0, description="also keep every M-th round's checkpoint (M = keep_every)")
 
 
+HEADLESS_TASKS = ("causal-lm",)  # tasks whose model has no head to train (adapter.train_head is false)
+
+
 class ExperimentConfig(_Section):
     task: TaskConfig = Field(default_factory=TaskConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
@@ -191,6 +211,12 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentConfig:
+        if self.task.name in HEADLESS_TASKS:  # a decoder LM: no classification head, per-architecture targets
+            if "target_modules" not in self.adapter.model_fields_set:
+                self.adapter.target_modules = ["auto"]
+            if self.adapter.train_head and "train_head" in self.adapter.model_fields_set:
+                raise ValueError(f"task {self.task.name} has no classification head; set adapter.train_head=false")
+            self.adapter.train_head = False
         if self.adapter.federate_head and not self.adapter.train_head:
             # A frozen head is identical everywhere; nothing to federate.
             self.adapter.federate_head = False

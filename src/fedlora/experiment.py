@@ -30,12 +30,18 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
         privacy += f"; NOT covered by the DP guarantee: {sim.method.reads_private_data}"
     if sim.cfg.privacy.reproducible_noise and (sim.cfg.privacy.enabled or sim.user_dp is not None):
         privacy += f"; {NOT_PRIVATE_WITH_CONFIG}"
-    line = (f"{sim.method.name}: accuracy {acc:.4f} (majority class {desc['majority_rate']:.4f}) after "
+    label = getattr(sim.rt.task, "metric_label", None)  # what the task's 'accuracy' is (causal-lm: exact match)
+    classes = label is None
+    if classes:
+        label, yardstick = "accuracy", f"majority class {desc['majority_rate']:.4f}"
+    else:
+        yardstick = f"held-out perplexity {final['perplexity']:.4g}" if "perplexity" in final else "no class baseline"
+    line = (f"{sim.method.name}: {label} {acc:.4f} ({yardstick}) after "
             f"{result.rounds_done} rounds, {privacy}, {result.seconds:.0f} s")
     if "personal_accuracy" in final:
-        line += (f"; personal accuracy {final['personal_accuracy']:.4f} (each client's own model on its own test "
+        line += (f"; personal {label} {final['personal_accuracy']:.4f} (each client's own model on its own test "
                  f"share" + (f"; clients' own majority labels {desc['client_majority_rate']:.4f})"
-                             if "client_majority_rate" in desc else ")"))
+                             if classes and "client_majority_rate" in desc else ")"))
     if result.stop_reason:
         line += f" -- {result.stop_reason}"
     return line
@@ -73,8 +79,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         with progress_bar() as bar:
             task = bar.add_task(f"{cfg.method.name} rounds", total=cfg.federation.rounds, status="", completed=sim.round)
 
+            short = {"accuracy": "acc"}.get(label := getattr(sim.rt.task, "metric_label", "accuracy"), label)
+
             def on_round(m: dict[str, Any]) -> None:
-                acc = f"acc {m['accuracy']:.3f} " if "accuracy" in m else ""
+                acc = f"{short} {m['accuracy']:.3f} " if "accuracy" in m else ""
                 eps = f"eps {m['epsilon']:.2f}" if m.get("epsilon") is not None else ""
                 bar.update(task, advance=1, status=acc + eps)
 
@@ -93,6 +101,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         "rounds": result.rounds_done,
         "stop_reason": result.stop_reason,
         "final": {k: v for k, v in result.final.items() if k != "privacy"},
+        "accuracy_is": getattr(sim.rt.task, "metric_label", "accuracy"),  # causal-lm: exact match of greedy generation
         "privacy": sim.ledger(),
         "not_covered_by_dp": sim.method.reads_private_data or None,
         "reproducible_noise": cfg.privacy.reproducible_noise,  # True: NOT private against anyone holding the config

@@ -99,8 +99,8 @@ def test_what_cannot_batch_falls_back_under_auto_and_is_refused_when_explicit(ti
     assert auto.batched_k == 0
     with pytest.raises(ConfigError, match="batched_clients=3 cannot be used: .*schedule keeps history"):
         Simulation(cfg_for(tiny_cfg, "as-lora", 3, method={"options": fd}))
-    with pytest.raises(ConfigError, match="client_timeout_s"):
-        Simulation(cfg_for(tiny_cfg, "dp-lora", 2, federation={"client_timeout_s": 60.0}))
+    with pytest.raises(ConfigError, match="adapter.dropout"):
+        Simulation(cfg_for(tiny_cfg, "dp-lora", 2, adapter={"dropout": 0.1}))
 
 
 def test_auto_picks_k_from_free_memory(tiny_cfg, monkeypatch):

@@ -52,7 +52,7 @@ def test_thirty_percent_failures_complete_with_an_exact_ledger(tiny_cfg, kind):
 
 
 def test_too_few_clients_retries_then_stops_with_a_reason(tiny_cfg):
-    cfg = tiny_cfg(federation={"rounds": 2, "min_clients": 3, "retries": 1, "client_timeout_s": 1e-9},
+    cfg = tiny_cfg(federation={"rounds": 2, "min_clients": 3, "retries": 1, "faults": {"fraction": 0.9, "kind": "timeout"}},
                    eval={"diagnostics": False})
     sim = Simulation(cfg)
     out = sim.run()
@@ -79,3 +79,22 @@ def test_non_finite_values_are_detected():
 def test_no_faults_configured_means_no_failures(tiny_cfg):
     out = Simulation(tiny_cfg(federation={"rounds": 1})).run()
     assert out.metrics[0]["failed_clients"] == [] and out.metrics[0]["attempts"] == 1
+
+
+def test_a_retry_draws_new_batches_so_a_deterministic_failure_need_not_recur(tiny_cfg):
+    sim = Simulation(tiny_cfg(eval={"diagnostics": False}))
+    spec = sim.specs[0]
+    from fedlora.federation.client import poisson_batch
+    from fedlora.seeds import generator
+
+    first = poisson_batch(len(spec.indices), spec.sample_rate, generator(*spec.stream(0, 1, 0)))
+    retry = poisson_batch(len(spec.indices), spec.sample_rate, generator(*spec.stream(0, 1, 1)))
+    assert spec.stream(0, 1, 0) == (0, "client", 0, 1)  # the first attempt keeps the round's stream
+    assert not (len(first) == len(retry) and (first == retry).all())
+
+
+def test_client_timeout_s_was_removed_with_a_reason(tiny_cfg):
+    from fedlora.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="client_timeout_s was removed"):
+        tiny_cfg(federation={"client_timeout_s": 5.0})

@@ -100,3 +100,35 @@ def test_cli_resume_after_a_lost_round_gives_the_same_adapter(tiny_model_dir, ti
     assert [m["round"] for m in read_metrics(crashed)] == [1, 2, 3]
     a, b = _adapter_tensors(tmp_path / "runs" / "full"), _adapter_tensors(crashed)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_identical_with_adapter_dropout(tiny_cfg, tmp_path):
+    """Dropout masks come from (seed, client, round, attempt, step): not from the global RNG, so a resumed
+    run draws what the uninterrupted one drew, whatever else used torch's RNG in between."""
+    cfg = tiny_cfg(adapter={"dropout": 0.3}, federation={"rounds": 3})
+    full = Simulation(cfg).run()
+    first = _checkpointed(cfg, tmp_path)
+    first.round, first.metrics = 1, [first.run_round(1)]
+    first.checkpoint(1)
+    torch.rand(1000)  # another user of the global RNG (a restarted process starts from another state)
+    resumed = Simulation(cfg)
+    resumed.restore(latest_checkpoint(first.run_dir.checkpoints)[0], first.metrics)
+    out = resumed.run()
+    assert _equal(full.global_state, out.global_state)
+    other = Simulation(tiny_cfg(adapter={"dropout": 0.3}, federation={"rounds": 3}, train={"seed": 1})).run()
+    assert not _equal(full.global_state, other.global_state)  # the masks do depend on the seed
+
+
+def test_resume_refuses_local_state_that_does_not_match_the_method(tiny_cfg, tmp_path):
+    fedsa = _checkpointed(tiny_cfg(method={"name": "fedsa-lora"}), tmp_path)
+    fedsa.run()
+    state = load_checkpoint(fedsa.run_dir.checkpoint_dir(2))
+    again = Simulation(tiny_cfg(method={"name": "fedsa-lora"}))
+    flower_like = {**state, "engine": "flower", "clients": [{"local": {}, "dp_steps": c["dp_steps"]} for c in state["clients"]]}
+    with pytest.raises(FedloraError, match="Flower engine"):
+        again.restore(flower_like)
+    missing = {**state, "clients": [{"local": {}, "dp_steps": c["dp_steps"]} for c in state["clients"]]}
+    with pytest.raises(FedloraError, match="local state of client 0 does not match"):
+        again.restore(missing)
+    again.restore(state)  # the real one restores
+    assert all(_equal(a.local, b.local) for a, b in zip(again.clients, fedsa.clients, strict=True))

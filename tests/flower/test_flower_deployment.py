@@ -56,7 +56,7 @@ def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_e
     assert "running on https://127.0.0.1" in link  # TLS on
 
     # parity: the in-process engine with the same config and seed, client 2 lost in round 2 as above
-    reference, states = WithoutClient2InRound2(cfg), []
+    reference, states = without_client2_in_round2(cfg), []
     reference.run(on_round=lambda _: states.append({k: v.detach().cpu().clone() for k, v in reference.global_state.items()}))
     for rnd, ref in enumerate(states, start=1):
         flower = load_checkpoint(run / "checkpoints" / f"round_{rnd}")["global_state"]
@@ -73,11 +73,28 @@ def test_deployment_refuses_unregistered_node_survives_a_killed_node_and_stops_e
     assert not [p for p in started["pids"] if alive(p)]
 
 
-class WithoutClient2InRound2(Simulation):
-    """The in-process engine with the deployment's fault: client 2 does not answer in round 2."""
+class LoseClient2InRound2:
+    """The deployment's fault in the in-process engine: client 2's round-2 message is sent (and charged)
+    but never answered."""
 
-    def train_clients(self, plan, download, sampled):
-        return super().train_clients(plan, download, [c for c in sampled if not (plan.round == 2 and c == 2)])
+    def __init__(self, inner, local_steps: int) -> None:
+        self.inner, self.local_steps = inner, local_steps
+
+    def train(self, plan, download, sampled):
+        lost = plan.round == 2 and 2 in sampled
+        out = self.inner.train(plan, download, [c for c in sampled if not (lost and c == 2)])
+        if lost:
+            out.charged[2] = self.local_steps
+        return out
+
+    def personal_accuracy(self, global_state):
+        return self.inner.personal_accuracy(global_state)
+
+
+def without_client2_in_round2(cfg) -> Simulation:
+    sim = Simulation(cfg)
+    sim.server.runner = LoseClient2InRound2(sim.server.runner, cfg.federation.local_steps)
+    return sim
 
 
 def alive(pid: int) -> bool:

@@ -31,11 +31,11 @@ def tiny_qa_model(tmp_path_factory) -> Path:
     return path
 
 
-def make_squad(n: int, seed: int = 0) -> list[dict]:
+def make_squad(n: int, seed: int = 0, context_words: int = 12) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        words = list(rng.choice(NEUTRAL, size=12))
+        words = list(rng.choice(NEUTRAL, size=context_words))
         answer = str(rng.choice(POSITIVE + NEGATIVE))
         at = int(rng.integers(0, len(words)))
         words.insert(at, answer)
@@ -73,8 +73,9 @@ def test_squad_metrics():
 
 def test_windows_point_at_the_answer_or_at_cls(qa_cfg):
     task = build_task(qa_cfg().task, 0)
-    feats = task.train.features
-    assert len(task.train) > 72  # 15-token contexts in 16-token windows: overflow windows exist
+    windows = task.train.extra["windows"]
+    feats = windows.features
+    assert len(task.train) == 72 and len(windows) > 72  # 15-token contexts in 16-token windows: overflow windows exist
     found = 0
     for ids, span, off, ex in zip(feats["input_ids"], feats["span"], feats["offsets"], feats["example"], strict=True):
         assert len(ids) <= 16
@@ -85,7 +86,7 @@ def test_windows_point_at_the_answer_or_at_cls(qa_cfg):
         else:
             assert span[0] == 0
     assert found >= 72  # every training example has a window holding its answer
-    assert set(task.train.labels.tolist()) == {0, 1}
+    assert set(windows.labels.tolist()) == {0, 1}
 
 
 def test_oracle_logits_give_exact_match_one(qa_cfg):
@@ -128,4 +129,52 @@ def test_answers_written_as_text_in_a_csv_cell_load_like_json(qa_cfg, tmp_path):
     pd.DataFrame([{**r, "answers": json.dumps(r["answers"])} for r in rows]).to_csv(csv, index=False)
     a, b = build_task(qa_cfg().task, 0), build_task(qa_cfg(dataset=str(csv)).task, 0)
     assert a.train.extra["answers"] == b.train.extra["answers"]
-    assert all(np.array_equal(x, y) for x, y in zip(a.train.features["span"], b.train.features["span"], strict=True))
+    spans = [t.train.extra["windows"].features["span"] for t in (a, b)]
+    assert all(np.array_equal(x, y) for x, y in zip(*spans, strict=True))
+
+
+def test_an_example_not_a_window_is_the_unit_of_privacy(qa_cfg, tmp_path):
+    """All windows of an example land on one client, are sampled together, and removing the example
+    moves the noiseless clipped sum by at most C (the whole example is one clipped contribution)."""
+    from fedlora.federation.simulation import Simulation
+    from fedlora.privacy.dpsgd import clip_factors, clipped_sum, sum_by_record
+
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(make_squad(40, seed=1, context_words=40)), encoding="utf-8")  # >= 3 windows each
+    sim = Simulation(qa_cfg(dataset=str(data)))
+    task, windows = sim.rt.task, sim.rt.task.train.extra["windows"]
+    counts = [len(g) for g in task.train.features["windows"]]
+    assert min(counts) >= 3 and len(task.train) == 36  # 40 examples, 10% held out; each has >= 3 windows
+    owners = {}
+    for spec in sim.specs:  # the partition is over examples: every window of an example on one client
+        for w in np.concatenate([task.train.features["windows"][int(i)] for i in spec.indices]):
+            owners.setdefault(int(windows.features["example"][w][0]), set()).add(spec.cid)
+    assert all(len(c) == 1 for c in owners.values()) and len(owners) == 36
+    spec = sim.specs[0]
+    assert spec.expected_batch == pytest.approx(spec.sample_rate * len(spec.indices))  # q over examples
+    rows = np.arange(min(6, len(spec.indices)))
+    batch = task.batch(task.train, spec.indices[rows], sim.rt.device)
+    assert batch["input_ids"].shape[0] == sum(counts[int(i)] for i in spec.indices[rows])  # all windows together
+    names = sim.rt.adapted.names()
+    rt = sim.rt
+    rt.hooks.enabled = True
+    try:
+        losses = task.loss(rt.adapted.model, batch)
+        torch.autograd.grad(losses.sum(), [rt.adapted.params[k] for k in names])
+        per_window = rt.hooks.fused_grads(names)
+    finally:
+        rt.hooks.enabled = False
+        rt.hooks.clear()
+    per_example = sum_by_record(per_window, batch["record"], len(rows))
+    c = 1e-3  # small: every example is clipped, the bound is tight
+    full = clipped_sum(per_example, clip_factors(per_example, c))
+    keep = torch.arange(1, len(rows))
+    part = clipped_sum({k: g[keep] for k, g in per_example.items()}, clip_factors({k: g[keep] for k, g in per_example.items()}, c))
+    moved = torch.sqrt(sum((full[k] - part[k]).pow(2).sum() for k in full))
+    assert moved <= c * (1 + 1e-4)
+    window_level = clipped_sum(per_window, clip_factors(per_window, c))  # what clipping windows would allow
+    first = batch["record"] != 0
+    without = {k: g[first] for k, g in per_window.items()}
+    moved_windows = torch.sqrt(sum((window_level[k] - clipped_sum(without, clip_factors(without, c))[k]).pow(2).sum()
+                                   for k in full))
+    assert moved_windows > 2 * c  # per-window clipping would let one example move the sum by ~m x C

@@ -179,6 +179,15 @@ def restore(sim: Any, state: dict[str, Any], metrics: list[dict[str, Any]] | Non
         raise FedloraError(f"checkpoint was written by another config ('{key}' differs); resume with the run's own config.yaml")
     if len(state["clients"]) != len(sim.clients) or set(state["global_state"]) != set(sim.global_state):
         raise FedloraError("checkpoint does not match this run's clients or adapter; resume with the run's own config.yaml")
+    if state.get("engine") == "flower" and sim.init_local:
+        raise FedloraError("checkpoint was written by the Flower engine: the clients' local tensors (e.g. FedSA's B and "
+                           "head) live on their nodes, not in it; start a new run")
+    for c, saved_client in enumerate(state["clients"]):
+        local = saved_client["local"]
+        wrong = sorted(set(local) ^ set(sim.init_local)) or [k for k in local if tuple(local[k].shape) != tuple(sim.init_local[k].shape)]
+        if wrong:
+            raise FedloraError(f"checkpoint's local state of client {c} does not match method {sim.method.name!r} "
+                               f"('{wrong[0]}'); resume with the run's own config.yaml or start a new run")
 
     def like(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device=ref[k].device, dtype=ref[k].dtype) if k in ref else v for k, v in new.items()}

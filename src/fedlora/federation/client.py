@@ -25,9 +25,9 @@ from fedlora.devices import non_finite
 from fedlora.errors import Refused
 from fedlora.federation.runtime import Runtime
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
-from fedlora.privacy.dpsgd import DPParams, privatize
+from fedlora.privacy.dpsgd import DPParams, privatize, sum_by_record
 from fedlora.privacy.noise import NoiseSource, noise_stream
-from fedlora.seeds import generator
+from fedlora.seeds import generator, seeded_torch
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,17 @@ class ClientSpec:
     step_budget: int  # most DP steps within its (epsilon, delta) target
     reproducible_noise: bool = False  # True: noise seeded from the config (NOT private against its holders)
 
-    def noise(self, seed: int, rnd: int, device: torch.device | str = "cpu") -> NoiseSource:
+    def stream(self, seed: int, rnd: int, attempt: int = 0) -> tuple[object, ...]:
+        """The seed parts of this client's round (attempt 0 is the first try; a retry draws new batches)."""
+        return (seed, "client", self.cid, rnd, *((("attempt", attempt),) if attempt else ()))
+
+    def noise(self, seed: int, rnd: int, device: torch.device | str = "cpu", attempt: int = 0) -> NoiseSource:
         """The DP noise of this client's round: secure randomness unless reproducible noise was asked for.
 
         A reproducible stream is drawn on the CPU whatever ``device`` is (each draw then moves to
         the tensor's device), so a seeded run gives the same noise on cuda and on cpu."""
         del device  # the stream's draws land on each tensor's device (privacy/noise.py)
-        return noise_stream(self.reproducible_noise, seed, "client", self.cid, rnd)
+        return noise_stream(self.reproducible_noise, *self.stream(seed, rnd, attempt))
 
     @property
     def expected_batch(self) -> float:
@@ -87,12 +91,19 @@ def poisson_batch(n: int, rate: float, gen: torch.Generator) -> np.ndarray:
     return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten().numpy()
 
 
-def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str],
-                    noise: NoiseSource) -> tuple[State, torch.Tensor | None]:
+def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str], noise: NoiseSource,
+                    dropout: tuple[object, ...] = ()) -> tuple[State, torch.Tensor | None]:
     """One step's gradient of the active tensors: privatised with DP, plain mean without.
+    ``dropout``: the seed parts of this step's dropout masks (client, round, attempt, step).
 
     The second value is the batch's mean loss as a 0-d tensor on the device, without DP only
     (None under DP, where the loss is never released, and for an empty batch): no host sync."""
+    with seeded_torch(*dropout, "dropout", device=rt.device):
+        return _local_gradients(rt, spec, rows, active, noise)
+
+
+def _local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str],
+                     noise: NoiseSource) -> tuple[State, torch.Tensor | None]:
     adapted, task = rt.adapted, rt.task
     params = {k: adapted.params[k] for k in active}
     if len(rows) == 0:
@@ -124,7 +135,9 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
             with rt.autocast():
                 return task.loss(adapted.model, {k: v[i] for k, v in batch.items()})
 
-        per_sample.update(loop_per_sample(sub, loss_of, len(rows)))
+        per_sample.update(loop_per_sample(sub, loss_of, len(losses)))
+    if "record" in batch:  # several rows per example (QA windows): one clipped contribution per example
+        per_sample = sum_by_record(per_sample, batch["record"], len(rows))
     return privatize(per_sample, spec.dp, noise), None  # the loss is not released under DP
 
 
@@ -138,6 +151,7 @@ def run_client(
     *,
     local_steps: int,
     seed: int,
+    attempt: int = 0,
 ) -> ClientResult:
     adapted = rt.adapted
     adapted.load(download)
@@ -146,8 +160,9 @@ def run_client(
     before = adapted.state(sorted(plan.trainable))
     trainable = [adapted.params[k] for k in sorted(plan.trainable)]
     optimizer = _optimizer(trainable, rt.cfg.train)  # fresh every round
-    gen = generator(seed, "client", spec.cid, plan.round)  # Poisson sampling (CPU stream)
-    noise = spec.noise(seed, plan.round, rt.device)
+    stream = spec.stream(seed, plan.round, attempt)
+    gen = generator(*stream)  # Poisson sampling (CPU stream)
+    noise = spec.noise(seed, plan.round, rt.device, attempt)
     last: State = {}
     losses: list[torch.Tensor] = []  # device scalars, without DP only: one host sync per round
     examples = 0
@@ -155,7 +170,7 @@ def run_client(
         active = sorted(method.schedule.active(plan, step))
         adapted.set_active(set(active))
         rows = poisson_batch(len(spec.indices), spec.sample_rate, gen)
-        grads, loss = local_gradients(rt, spec, rows, active, noise)
+        grads, loss = local_gradients(rt, spec, rows, active, noise, (*stream, "step", step))
         grads = method.schedule.transform(grads, plan, step)
         optimizer.zero_grad(set_to_none=True)  # inactive tensors keep grad=None: no state advance
         for k, g in grads.items():
@@ -252,14 +267,16 @@ class ClientNode:
                 raise Refused(f"client {self.cid} will not upload '{k}': the method does not declare it uploadable")
 
     # ------------------------------------------------------------------ one round
-    def train(self, plan: RoundPlan, download: State, *, local_steps: int | None = None, commit: bool = True) -> ClientResult:
+    def train(self, plan: RoundPlan, download: State, *, local_steps: int | None = None, commit: bool = True,
+              attempt: int = 0) -> ClientResult:
         """Check the request, run the round, keep the new state (``commit``) and return what may leave.
 
         Under DP the result's loss is NaN and its example count 0: neither is released."""
         self.check_plan(plan)
         self.check_download(download)
         res = run_client(self.rt, self.method, plan, download, self.spec, self.state,
-                         local_steps=self.local_steps if local_steps is None else local_steps, seed=self.seed)
+                         local_steps=self.local_steps if local_steps is None else local_steps, seed=self.seed,
+                         attempt=attempt)
         self.check_upload(res.upload)
         if commit:
             self.state = res.state

@@ -30,8 +30,10 @@ def unbatchable(sim: Any) -> str | None:
     cfg, rt = sim.cfg, sim.rt
     if cfg.federation.faults.fraction > 0:
         return "federation.faults injects failures client by client"
-    if cfg.federation.client_timeout_s is not None:
-        return "federation.client_timeout_s times each client on its own"
+    if cfg.adapter.dropout > 0:
+        return f"adapter.dropout={cfg.adapter.dropout:g} (dropout masks are drawn per client and step)"
+    if "windows" in rt.task.train.features:
+        return f"task {cfg.task.name}: an example spans several rows (its windows)"
     if cfg.adapter.type != "lora":
         return f"adapter.type={cfg.adapter.type} (only LoRA factors and the head batch)"
     if getattr(sim.method, "reads_private_data", ""):

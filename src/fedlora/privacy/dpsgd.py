@@ -1,6 +1,7 @@
 """The DP-SGD step on the active tensors: per-sample gradients, clip, noise, scale.
 
-Per-sample gradients of every ``nn.Linear`` (or 1x1 ``nn.Conv2d``, a linear layer over pixels)
+Per-sample gradients of every ``nn.Linear`` (or 1x1 ``nn.Conv2d``, a linear layer over pixels, or
+GPT-2's ``transformers.pytorch_utils.Conv1D``, a linear layer with its weight stored (in, out))
 that owns an active tensor (LoRA's ``lora_A`` and ``lora_B``, the classifier head) are computed
 inside the ordinary backward pass from the layer's saved input and output gradient (``einsum``
 over tokens or pixels), for the active tensors only.
@@ -92,6 +93,15 @@ def _vera_owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
     return owners
 
 
+def _conv1d_type() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's projections: ``x @ W + b`` with W (in, out)), if importable."""
+    try:
+        from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
 class PerSampleGradients:
     """Hooks that record, per active linear (or VeRA) layer, its input and output gradient.
 
@@ -102,8 +112,10 @@ class PerSampleGradients:
 
     def __init__(self, params: dict[str, nn.Parameter], model: nn.Module) -> None:
         owners: dict[int, tuple[str, nn.Module, str]] = {}
+        conv1d = _conv1d_type()
+        self._conv1d = conv1d
         for mname, module in model.named_modules():
-            if isinstance(module, nn.Linear) or is_pointwise_conv(module):
+            if isinstance(module, nn.Linear) or is_pointwise_conv(module) or (conv1d is not None and isinstance(module, conv1d)):
                 for attr in ("weight", "bias"):
                     p = getattr(module, attr)
                     if p is not None:
@@ -171,6 +183,8 @@ class PerSampleGradients:
                 piece = linear_per_sample(x, g, attr)
                 if isinstance(module, nn.Conv2d) and attr == "weight":
                     piece = piece.reshape(b, *module.weight.shape)  # (batch, out, in, 1, 1)
+                elif self._conv1d is not None and isinstance(module, self._conv1d) and attr == "weight":
+                    piece = piece.transpose(1, 2)  # Conv1D stores its weight (in, out): (batch, in, out)
                 total = piece if total is None else total + piece
             if total is None:
                 raise RuntimeError(f"{name} was active but its layer was not used in the forward pass")
@@ -186,6 +200,13 @@ def clip_factors(per_sample: Grads, clip_norm: float) -> torch.Tensor:
     """Per-example factors min(1, C/||g_i||), the norm taken flat over all active tensors."""
     sq = sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values())  # (batch,)
     return (clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
+
+
+def sum_by_record(per_sample: Grads, record: torch.Tensor, records: int) -> Grads:
+    """Per-record gradients from per-row ones: the rows of one record (a QA example's windows) summed,
+    so that clipping bounds the whole record's contribution, not each row's."""
+    return {k: torch.zeros((records, *g.shape[1:]), dtype=g.dtype, device=g.device).index_add_(0, record.to(g.device), g)
+            for k, g in per_sample.items()}
 
 
 def clipped_sum(per_sample: Grads, factors: torch.Tensor) -> Grads:

@@ -99,8 +99,10 @@ def baseline_line(label: str, per_seed: dict[int, float]) -> str:
     return f"{label}: {listed}; mean {float(np.mean(rates)):.4f}.\n"
 
 
-def markdown(rows: list[dict[str, Any]], baselines: Baselines, seeds: int) -> str:
-    head = ("| method | epsilon | accuracy | personal accuracy | epsilon spent | aggregation error | rounds | "
+def markdown(rows: list[dict[str, Any]], baselines: Baselines, seeds: int, metric: str = "accuracy") -> str:
+    """``metric``: what the runs' 'accuracy' is (the causal-lm task: 'exact match'); no class baselines then."""
+    acc = "accuracy" if metric == "accuracy" else f"accuracy ({metric})"
+    head = (f"| method | epsilon | {acc} | personal {acc} | epsilon spent | aggregation error | rounds | "
             "seconds/run | seeds |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
@@ -112,8 +114,8 @@ def markdown(rows: list[dict[str, Any]], baselines: Baselines, seeds: int) -> st
         lines.append(f"| {r['method']}{seeded} | {r['epsilon']} | {_pm(r['accuracy_mean'], r['accuracy_std'], r['seeds'])} | "
                      f"{_pm(r['personal_accuracy_mean'], r['personal_accuracy_std'], r['seeds'])} | {spent} | {agg} | {rounds} | {secs} | "
                      f"{r['seeds']}/{seeds} |")
-    maj = baseline_line("Majority-class rate of the test set", baselines["majority"])
-    maj += baseline_line("Each client predicting its own test share's majority label (the yardstick for personal "
+    maj = "" if metric != "accuracy" else baseline_line("Majority-class rate of the test set", baselines["majority"])
+    maj += "" if metric != "accuracy" else baseline_line("Each client predicting its own test share's majority label (the yardstick for personal "
                          "accuracy)", baselines["client_majority"])
     if any(r.get("reproducible_noise") for r in rows):
         maj += f"{SEEDED_MARK.strip()} {NOT_PRIVATE_WITH_CONFIG}.\n"
@@ -199,7 +201,10 @@ def write_tables(grid: Any) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    md = markdown(rows, baselines, grid.spec["seeds"])
+    summaries = [json.loads(p.read_text(encoding="utf-8")) for c, _ in grid.cells
+                 if (p := grid.root / c.name / "summary.json").is_file()]
+    metric = next((s["accuracy_is"] for s in summaries if s.get("accuracy_is")), "accuracy")
+    md = markdown(rows, baselines, grid.spec["seeds"], metric)
     (grid.root / "results.md").write_text(md, encoding="utf-8")
     made = figures(grid, rows, dirs)
     for e in dict.fromkeys(e for _, e in dirs):

@@ -38,7 +38,11 @@ class ExampleSet:
 
 
 class Task(Protocol):
-    """What the federation needs from a task."""
+    """What the federation needs from a task.
+
+    ``evaluate`` returns at least ``accuracy`` and ``loss``. A task whose ``accuracy`` is not a
+    classification accuracy names it in an optional ``metric_label`` attribute (causal-lm: "exact
+    match"); the summary line and compare tables then say so and show no majority-class baseline."""
 
     name: str
     train: ExampleSet

@@ -5,6 +5,12 @@ Data: a local JSON/JSONL/CSV/parquet file or a datasets name with ``question``, 
 ``task.max_length`` are split into overlapping windows (``task.doc_stride`` tokens of overlap);
 a window without the whole answer points at [CLS]. The model is any
 ``AutoModelForQuestionAnswering`` backbone with its span head as ``classifier``.
+
+The unit of privacy is one (question, context) example, not one window: the training set's
+rows are examples (``features["windows"]`` lists each one's windows, held in
+``extra["windows"]``), so partitioning, Poisson sampling and the accountant count examples; a
+batch of examples expands to their windows with a ``record`` row per window, and the DP step sums
+each example's window gradients before clipping (one clipped contribution of norm <= C).
 """
 
 from __future__ import annotations
@@ -106,7 +112,16 @@ class QuestionAnsweringTask(TextClassificationTask):
             test, train = train.iloc[order[:n_test]].reset_index(drop=True), train.iloc[order[n_test:]].reset_index(drop=True)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
         self.label_names, self.num_labels = ["no answer in window", "answer in window"], 2
-        self.train, self.test = self._windows(train), self._windows(test)
+        self.train, self.test = self._records(self._windows(train)), self._windows(test)
+
+    @staticmethod
+    def _records(windows: ExampleSet) -> ExampleSet:
+        """One row per example (the unit of privacy), its windows in ``features["windows"]``; its label
+        (used by label-skewed partitions) is whether any of its windows holds the answer."""
+        owner = np.asarray([int(e[0]) for e in windows.features["example"]], dtype=np.int64)
+        groups = [np.flatnonzero(owner == e) for e in range(int(owner.max()) + 1 if len(owner) else 0)]
+        labels = np.asarray([int(windows.labels[g].max()) if len(g) else 0 for g in groups], dtype=np.int64)
+        return ExampleSet({"windows": groups}, labels, {**windows.extra, "windows": windows})
 
     def _windows(self, df: pd.DataFrame) -> ExampleSet:
         enc = self.tokenizer(df["question"].tolist(), df["context"].tolist(), truncation="only_second",
@@ -150,12 +165,21 @@ class QuestionAnsweringTask(TextClassificationTask):
         return None
 
     def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        """A batch of windows; for a set of examples (the training set), all windows of each, with
+        ``record``: the position in ``indices`` of the example each window belongs to."""
+        if "windows" in examples.features:
+            groups = [examples.features["windows"][int(i)] for i in indices]
+            rows = np.concatenate([np.zeros(0, np.int64), *groups])
+            batch = self.batch(examples.extra["windows"], rows, device)
+            counts = torch.tensor([len(g) for g in groups], device=device)
+            batch["record"] = torch.repeat_interleave(torch.arange(len(groups), device=device), counts)
+            return batch
         batch = super().batch(examples, indices, device)
         batch["span"] = torch.from_numpy(np.stack([examples.features["span"][int(i)] for i in indices])).to(device)
         return batch
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "span")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "span", "record")}
         logits = model(**inputs)  # (batch, tokens, 2)
         return logits.masked_fill(batch["attention_mask"][..., None] == 0, torch.finfo(logits.dtype).min)
 
