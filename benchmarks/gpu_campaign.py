@@ -74,6 +74,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
         info["name"] = name
         info["memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        info["fp32_matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32  # the fp32 speed rows run as set here
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         info["bf16_peak_flops"] = peak
         info["bf16_peak_note"] = (f"{peak / 1e12:.0f} TFLOP/s dense bf16 (H100 SXM; H200 the same)" if peak
