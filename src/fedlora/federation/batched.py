@@ -31,7 +31,7 @@ from fedlora.federation.client import (
     ClientSpec,
     ClientState,
     _optimizer,
-    clip_groups,
+    dp_step_options,
     head_names,
     poisson_batch,
     signal_meter,
@@ -112,7 +112,6 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
     heads = head_names(rt)
     optimizer = _optimizer([v[k] for v in values for k in trainable], rt.cfg.train,
                            [k in heads for _ in values for k in trainable])  # per-parameter state
-    groups = clip_groups(rt)
     meters = [signal_meter(rt) for _ in specs]
     gens = [generator(seed, "client", s.cid, plan.round) for s in specs]  # Poisson sampling, as run_client
     noises = [s.noise(seed, plan.round, rt.device) for s in specs]
@@ -141,7 +140,7 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
             meter = meters[c]
             exact = {} if meter is not None and meter.mode == "exact" and spec.dp else None
             if spec.dp is not None:
-                grads = privatize(mine, spec.dp, noises[c], groups=groups, signal=exact)
+                grads = privatize(mine, spec.dp, noises[c], **dp_step_options(rt, spec, exact))
             else:
                 grads = {k: g.mean(0) if n else torch.zeros_like(values[c][k]) for k, g in mine.items()}
             if meter is not None:

@@ -92,6 +92,17 @@ def clip_groups(rt: Runtime) -> dict[str, str]:
     return {f.name: "head" if f.role == "head" else "adapter" for f in rt.adapted.factors}
 
 
+def dp_step_options(rt: Runtime, spec: ClientSpec, signal: dict[str, float] | None) -> dict:
+    """privatize's keyword options for this client: the group map under per-group clipping, the
+    exact signal's sink; none in the default flat step (whose call is exactly privatize(g, dp, noise))."""
+    kw: dict = {}
+    if spec.dp is not None and spec.dp.head_clip_fraction is not None:
+        kw["groups"] = clip_groups(rt)
+    if signal is not None:
+        kw["signal"] = signal
+    return kw
+
+
 def poisson_batch(n: int, rate: float, gen: torch.Generator) -> np.ndarray:
     """Indices 0..n-1 each kept independently with probability ``rate``."""
     return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten().numpy()
@@ -103,10 +114,10 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
     ``signal``: filled with the clipped sum's squared norms (NOT private; eval.signal_diagnostics=exact)."""
     adapted, task = rt.adapted, rt.task
     params = {k: adapted.params[k] for k in active}
-    groups = clip_groups(rt)
+    kw = dp_step_options(rt, spec, signal)
     if len(rows) == 0:
         zero = {k: torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype) for k, p in params.items()}
-        return (privatize(zero, spec.dp, noise, groups=groups, signal=signal) if spec.dp
+        return (privatize(zero, spec.dp, noise, **kw) if spec.dp
                 else {k: torch.zeros_like(p) for k, p in params.items()}), float("nan")
     batch = task.batch(task.train, spec.indices[rows], rt.device)
     if spec.dp is None:
@@ -135,7 +146,7 @@ def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: lis
                 return task.loss(adapted.model, {k: v[i] for k, v in batch.items()})
 
         per_sample.update(loop_per_sample(sub, loss_of, len(rows)))
-    return privatize(per_sample, spec.dp, noise, groups=groups, signal=signal), float(losses.detach().float().mean())
+    return privatize(per_sample, spec.dp, noise, **kw), float(losses.detach().float().mean())
 
 
 def run_client(
