@@ -98,6 +98,7 @@ class Method:
     def variant(self) -> str:
         """The name plus the options that select what ran, e.g. 'as-lora (curvature secant)' or
         'la-lora (phase B, filter on)': the label every table row and summary carries."""
+        named = {"composed_from", "plan", "schedule", "upload", "aggregate"}  # a composed name already says these
         parts = [f"{k} {'on' if v is True else 'off' if v is False else v}" for k, v in self.info.items()
-                 if isinstance(v, str | bool | int | float)]
+                 if isinstance(v, str | bool | int | float) and k not in named]
         return f"{self.name} ({', '.join(parts)})" if parts else self.name
