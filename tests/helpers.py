@@ -85,6 +85,7 @@ UPLOAD_ROLES = {
     "fedex-lora": {"A", "B", "head"},
     "flora": {"A", "B", "head"},
     "fedsvd": {"B", "head"},
+    "head-only": {"head"},
 }
 # method -> config sections it needs beyond the tiny defaults
 NEEDS = {"fedsa-rslora": {"adapter": {"rslora": True}}, "fedsa-vera": {"adapter": {"type": "vera"}}}

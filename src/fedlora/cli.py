@@ -159,15 +159,18 @@ def compare(
     name: Annotated[str | None, typer.Option(help="compare directory name; rerun with the same name to resume")] = None,
     no_dp_reference: Annotated[bool, typer.Option("--no-dp-reference", help="skip the non-private run per method")] = False,
     workers: Annotated[int, typer.Option(help="cells run at once, each in its own process (e.g. one per CPU core)")] = 1,
+    baseline: Annotated[str | None, typer.Option(help="method the paired differences are taken against "
+                                                 "(default: dp-lora when the grid runs it)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Run a grid of methods x epsilons x seeds; write results.md/.csv and figures; print the table."""
+    """Run a grid of methods x epsilons x seeds; write results.md/.csv and figures (with each method's paired
+    difference against the baseline and its 95% interval over seeds); print the table."""
     from fedlora.report.compare import plan_grid, run_compare  # noqa: PLC0415
 
     grid = plan_grid(config, methods=methods, epsilons=epsilons, seeds=seeds, overrides=_overrides(set_ or [], {}),
                      out=out, name=name, no_dp_reference=no_dp_reference)
     quiet_libraries()
-    result = run_compare(grid, progress=not quiet, workers=workers)
+    result = run_compare(grid, progress=not quiet, workers=workers, baseline=baseline)
     typer.echo(result["markdown"])
     typer.echo(f"compare directory: {grid.root}")
 

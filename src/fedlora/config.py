@@ -143,7 +143,14 @@ class PrivacyConfig(_Section):
     enabled: bool = True
     epsilon: float = Field(3.0, description="target epsilon per client, > 0")
     delta: float = Field(1e-5, description="target delta per client, in (0, 1)")
-    clip_norm: float = Field(2.0, gt=0, description="per-sample L2 clipping bound C (flat over active tensors)")
+    clip_norm: float = Field(2.0, gt=0, description="per-sample L2 clipping bound C (over all active tensors)")
+    clipping: Literal["flat", "per-group"] = Field(
+        "flat", description="flat: one norm over all active tensors; per-group: the head clipped to C sqrt(f) and the "
+        "adapter factors to C sqrt(1-f) (f = head_clip_fraction; squares sum to C^2, same guarantee, docs/privacy.md)"
+    )
+    head_clip_fraction: float = Field(
+        0.5, gt=0, lt=1, description="per-group clipping: the head's share f of C^2 (the adapter factors get 1 - f)"
+    )
     accountant: Literal["prv", "rdp"] = "prv"
     max_sample_rate: float = Field(
         0.25, gt=0, le=1, description="cap on a client's Poisson rate q = batch/n (small clients)"
@@ -171,6 +178,7 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the head (default: lr, as the factors)")
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
@@ -184,6 +192,11 @@ class EvalConfig(_Section):
     every: int = Field(1, gt=0, description="evaluate the global model every k rounds (and at the end)")
     batch_size: int = Field(256, gt=0)
     diagnostics: bool = Field(True, description="log the aggregation error per round and module (float64 replay)")
+    signal_diagnostics: Literal["off", "private", "exact"] = Field(
+        "off", description="per round, each trained group's (A, B, head, per layer) signal norm against its noise norm: "
+        "'private' estimates it from the noisy gradient (post-processing, covered by DP); 'exact' uses the noiseless "
+        "clipped sum: research only, the signal norm is a non-private statistic, the run is then marked NOT covered"
+    )
     sharpness_every: int | None = Field(None, gt=0, description="top Hessian eigenvalue of the global model every k rounds (and at the end); off when unset")
     sharpness_examples: int = Field(256, gt=0, description="first test examples used for the sharpness (server-side data)")
 

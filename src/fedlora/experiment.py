@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import ExperimentConfig
+from fedlora.federation.server import not_covered
 from fedlora.federation.simulation import RunResult, Simulation
 from fedlora.privacy.noise import NOT_PRIVATE_WITH_CONFIG
 from fedlora.report.rundir import RunDir
@@ -26,8 +27,9 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
         privacy = f"guarantees: {sim.guarantees(result.rounds_done)}"
     else:
         privacy = "no DP"
-    if sim.method.reads_private_data:
-        privacy += f"; NOT covered by the DP guarantee: {sim.method.reads_private_data}"
+    why = not_covered(sim.cfg, sim.method)
+    if why:
+        privacy += f"; NOT covered by the DP guarantee: {why}"
     if sim.cfg.privacy.reproducible_noise and (sim.cfg.privacy.enabled or sim.user_dp is not None):
         privacy += f"; {NOT_PRIVATE_WITH_CONFIG}"
     label = getattr(sim.rt.task, "metric_label", None)  # what the task's 'accuracy' is (causal-lm: exact match)
@@ -59,9 +61,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         sim = Simulation(cfg, runtime=runtime)  # data and model load before anything is written
         run_dir = RunDir.create(cfg.output.root, cfg.output.name, cfg.method.name)
         sim.run_dir = run_dir
-        not_covered = f"# NOT covered by the DP guarantee: {sim.method.reads_private_data}\n"
+        why = not_covered(cfg, sim.method)
         seeded = f"# {NOT_PRIVATE_WITH_CONFIG}\n"
-        run_dir.write_config((not_covered if sim.method.reads_private_data else "")
+        run_dir.write_config((f"# NOT covered by the DP guarantee: {why}\n" if why else "")
                              + (seeded if cfg.privacy.reproducible_noise else "") + cfg.to_yaml())
         run_dir.write_json("setup.json", sim.describe())
     else:
@@ -98,12 +100,13 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         "line": line,
         "run_dir": str(run_dir.path),
         "method": sim.method.name,
+        "variant": sim.method.variant,  # the options that select what ran, e.g. 'as-lora (curvature secant)'
         "rounds": result.rounds_done,
         "stop_reason": result.stop_reason,
         "final": {k: v for k, v in result.final.items() if k != "privacy"},
         "accuracy_is": getattr(sim.rt.task, "metric_label", "accuracy"),  # causal-lm: exact match of greedy generation
         "privacy": sim.ledger(),
-        "not_covered_by_dp": sim.method.reads_private_data or None,
+        "not_covered_by_dp": not_covered(cfg, sim.method) or None,
         "reproducible_noise": cfg.privacy.reproducible_noise,  # True: NOT private against anyone holding the config
         "majority_rate": sim.describe()["majority_rate"],
         "seconds": {"setup": setup_seconds, "train": result.seconds, "total": time.perf_counter() - t0},

@@ -140,3 +140,53 @@ def test_as_lora_on_the_tiny_model_trains_each_layers_chosen_factor(tiny_cfg):
         sim.round = rnd
     assert rec["plan_modes"] != "" and set(sim.memory["ema"]) <= {f"{lay}/{m}" for lay in layers for m in "AB"}
     assert sim.memory["ema"]  # scores reached the server
+
+
+# ------------------------------------------------------------------ faithful defaults (issue 18)
+def test_as_lora_default_is_the_papers_curvature_aware_score_in_its_private_form():
+    """Default options: the secant curvature (privacy-exact) in the last 10 rounds, as the reference
+    code's USE_CURV = r > ROUNDS - 10; the run is covered by DP and named by its variant."""
+    from fedlora.methods.as_lora import RecordLastTwo
+
+    m = build_method("as-lora", MethodSetup({}, True, 30, 0))
+    assert isinstance(m.schedule, RecordLastTwo) and m.upload.history is m.schedule.history
+    assert (m.upload.rounds, m.upload.curvature_rounds, m.upload.fd_eps) == (30, 10, None)
+    assert m.info == {"curvature": "secant"} and not m.reads_private_data
+    assert m.variant == "as-lora (curvature secant)"
+    off = build_method("as-lora", MethodSetup({"curvature": "off"}, True, 30, 0))
+    assert type(off.schedule).__name__ == "Joint" and off.variant == "as-lora (curvature off)"
+
+
+def test_as_lora_secant_changes_the_score_only_in_the_last_rounds():
+    from fedlora.methods.as_lora import RecordLastTwo
+
+    m = build_method("as-lora", MethodSetup({}, True, 12, 0))
+    g1, g2 = torch.ones(2, 3), torch.full((2, 3), 0.2)  # the gradient shrinks: positive curvature
+    plan = lambda r: RoundPlan(r, frozenset({"l0.A"}), ("l0.A",), groups={"0/A": frozenset({"l0.A"})})  # noqa: E731
+    scores = {}
+    for rnd in (2, 3):  # round 2 <= 12 - 10: energy only; round 3: the secant factor
+        assert isinstance(m.schedule, RecordLastTwo)
+        m.schedule.transform({"l0.A": g1}, plan(rnd), 0)
+        m.schedule.transform({"l0.A": g2}, plan(rnd), 1)
+        trace = ClientTrace({"l0.A": g2}, 0.0, 2)
+        scores[rnd] = float(m.upload(plan(rnd), {}, {"l0.A": g2}, trace)["score/0/A"])
+    assert scores[3] < scores[2]
+
+
+def test_la_lora_filters_the_factors_of_a_1x1_convolution_as_matrices():
+    """A 1x1 conv's A is (r, k, 1, 1), its B (d, r, 1, 1): filtered exactly as the (r, k) / (d, r)
+    matrices (the old code skipped them while its info said filter: true); other shapes are refused."""
+    from fedlora.methods.la_lora import AlternateSteps
+
+    sched = AlternateSteps(first="B")
+    plan = RoundPlan(1, frozenset({"a", "b"}), (), groups={"A": frozenset({"a"}), "B": frozenset({"b"})})
+    a, b = torch.randn(3, 10, 1, 1, dtype=torch.float64), torch.randn(11, 3, 1, 1, dtype=torch.float64)
+    out_b = sched.transform({"b": b}, plan, 0)["b"]  # step 0 trains B
+    out_a = sched.transform({"a": a}, plan, 1)["a"]  # step 1 trains A
+    assert out_a.shape == a.shape and out_b.shape == b.shape
+    assert torch.equal(out_a.reshape(3, 10), binomial_smooth(a.reshape(3, 10), 1))
+    assert torch.equal(out_b.reshape(11, 3), binomial_smooth(b.reshape(11, 3), 0))
+    assert not torch.equal(out_a, a) and not torch.equal(out_b, b)
+    with pytest.raises(ConfigError, match="filter=false"):
+        sched.transform({"a": torch.randn(3, 10, 3, 3)}, plan, 1)
+    assert build_method("la-lora", MethodSetup({}, True, 4, 0)).variant == "la-lora (phase B, filter on)"

@@ -53,6 +53,8 @@ def per_client(name: str, sim: Simulation, rec: dict) -> tuple[int, int]:
         return full + head, full + head + dk  # W0 down in full [fedlora]
     if name == "fedsvd":
         return rd + head, full + head  # B up; re-split B and orthonormal A down
+    if name == "head-only":
+        return head, head  # the head alone, both ways
     raise AssertionError(f"no formula for {name}")
 
 

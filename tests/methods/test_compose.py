@@ -32,6 +32,7 @@ PROFILES = {
     "fedex-lora": ("all", "joint", "trained", "fedex"),
     "flora": ("all", "joint", "trained", "flora"),
     "fedsvd": ("b-only", "joint", "trained", "fedsvd"),
+    "head-only": ("head-only", "joint", "trained", "mean"),
 }
 
 

@@ -160,7 +160,7 @@ def test_pitfall_07_batches_are_poisson_sampled():
 def test_pitfall_08_inactive_factor_keeps_its_optimizer_state(tiny_cfg, monkeypatch):
     made = []
     real = client_mod._optimizer
-    monkeypatch.setattr(client_mod, "_optimizer", lambda params, cfg: made.append(real(params, cfg)) or made[-1])
+    monkeypatch.setattr(client_mod, "_optimizer", lambda params, cfg, *head: made.append(real(params, cfg, *head)) or made[-1])
     sim = Simulation(tiny_cfg(method={"name": "la-lora", "options": {"filter": False}}, federation={"local_steps": 4},
                               train={"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.5}))
     _, noised, changed = spied_round(sim, 1)

@@ -70,7 +70,8 @@ def test_collect_uses_the_client_code_path_and_restores_it(collected):
 
 
 def test_the_dp_step_carries_no_test_switch():
-    assert [f.name for f in dataclasses.fields(DPParams)] == ["noise_multiplier", "clip_norm", "expected_batch_size"]
+    assert [f.name for f in dataclasses.fields(DPParams)] == ["noise_multiplier", "clip_norm", "expected_batch_size",
+                                                             "head_clip_fraction"]  # per-group clipping, same C
     import inspect
 
     assert "audit" not in inspect.getsource(dpsgd).lower()

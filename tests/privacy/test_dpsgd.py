@@ -144,3 +144,68 @@ def test_vera_with_dropout_keeps_the_exact_loop(tiny_cfg):
     rt = Runtime(tiny_cfg(adapter={"type": "vera", "dropout": 0.1}))
     vera = [f.name for f in rt.adapted.factors if f.role in ("A", "B")]
     assert vera and set(vera) <= set(rt.hooks.other) and not set(vera) & rt.hooks.fused
+
+
+# ------------------------------------------------------------------ per-group clipping (issue 18)
+def _per_sample_two_groups(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"lora_A": 0.2 * torch.randn(16, 4, 6, generator=g, dtype=torch.float64),
+            "lora_B": 0.1 * torch.randn(16, 5, 4, generator=g, dtype=torch.float64),
+            "head.weight": 3.0 * torch.randn(16, 2, 5, generator=g, dtype=torch.float64)}
+
+
+GROUPS = {"lora_A": "adapter", "lora_B": "adapter", "head.weight": "head"}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_per_group_clipping_bounds_each_examples_influence_by_c(fraction):
+    """Each example's clipped gradient over all groups has norm <= C (C_head^2 + C_adapter^2 = C^2),
+    each group's part <= its own bound, and the noise is sigma*C on every coordinate, as flat."""
+    per_sample = _per_sample_two_groups()
+    per_sample["lora_A"][3] *= 100  # an example with a huge adapter gradient
+    dp = DPParams(1.0, 2.0, 16.0, head_clip_fraction=fraction)
+    bounds = dp.group_bounds()
+    assert bounds["head"] ** 2 + bounds["adapter"] ** 2 == pytest.approx(dp.clip_norm**2)
+    from fedlora.privacy.dpsgd import group_clip_factors
+
+    factors = group_clip_factors(per_sample, dp, GROUPS)
+    clipped = {k: factors[k][:, None, None] * g for k, g in per_sample.items()}
+    total = sum(g.flatten(1).pow(2).sum(1) for g in clipped.values()).sqrt()
+    assert float(total.max()) <= dp.clip_norm * (1 + 1e-9)
+    head = clipped["head.weight"].flatten(1).norm(dim=1)
+    adapter = (clipped["lora_A"].flatten(1).pow(2).sum(1) + clipped["lora_B"].flatten(1).pow(2).sum(1)).sqrt()
+    assert float(head.max()) <= bounds["head"] * (1 + 1e-9) and float(adapter.max()) <= bounds["adapter"] * (1 + 1e-9)
+    # the head (norm ~ 3 sqrt(10)) is clipped to its bound; small adapter gradients are left alone
+    assert float(head.min()) == pytest.approx(bounds["head"], rel=1e-5)
+    raw = (per_sample["lora_A"].flatten(1).pow(2).sum(1) + per_sample["lora_B"].flatten(1).pow(2).sum(1)).sqrt()
+    small = [i for i in range(16) if float(raw[i]) < 0.99 * bounds["adapter"]]
+    assert all(float(factors["lora_A"][i]) == 1.0 for i in small) and (small or fraction > 0.5)
+    # the released gradient: clipped sum + N(0, (sigma C)^2) per coordinate, / B (the noise of the flat step)
+    noisy = privatize(per_sample, dp, SeededNoise(torch.Generator().manual_seed(5)), groups=GROUPS)
+    zero_noise = privatize(per_sample, DPParams(0.0, 2.0, 16.0, fraction), SecureNoise(), groups=GROUPS)
+    flat_noisy = privatize(per_sample, DPParams(1.0, 2.0, 16.0), SeededNoise(torch.Generator().manual_seed(5)))
+    flat_clean = privatize(per_sample, DPParams(0.0, 2.0, 16.0), SecureNoise())
+    for k in per_sample:
+        assert torch.allclose(zero_noise[k], clipped[k].sum(0) / 16.0)
+        assert torch.allclose(noisy[k] - zero_noise[k], flat_noisy[k] - flat_clean[k])  # same noise, same std
+
+
+def test_per_group_clipping_gives_the_factors_their_own_share():
+    """Flat clipping at C = 2 hands the adapter a few percent of the clipped norm when the head
+    dominates (docs/privacy.md); per-group clipping hands it up to C sqrt(1 - f)."""
+    per_sample = _per_sample_two_groups(1)
+    flat = privatize(per_sample, DPParams(0.0, 2.0, 16.0), SecureNoise())
+    grouped = privatize(per_sample, DPParams(0.0, 2.0, 16.0, 0.5), SecureNoise(), groups=GROUPS)
+    assert float(grouped["lora_A"].norm()) > 2 * float(flat["lora_A"].norm())
+
+
+def test_flat_privatize_is_unchanged_by_the_group_map():
+    per_sample = _per_sample_two_groups(2)
+    dp = DPParams(0.7, 2.0, 16.0)
+    a = privatize(per_sample, dp, SeededNoise(torch.Generator().manual_seed(1)))
+    b = privatize(per_sample, dp, SeededNoise(torch.Generator().manual_seed(1)), groups=GROUPS)
+    c = clipped_sum(per_sample, clip_factors(per_sample, 2.0))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    signal: dict[str, float] = {}
+    privatize(per_sample, dp, SecureNoise(), signal=signal)
+    assert signal == {k: pytest.approx(float(v.pow(2).sum())) for k, v in c.items()}

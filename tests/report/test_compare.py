@@ -58,7 +58,13 @@ def test_compare_grid_tables_figures_and_resume(cfg_file: Path, tmp_path: Path) 
     accs = [json.loads((root / f"dp-lora-eps2-seed{s}" / "summary.json").read_text())["final"]["accuracy"] for s in (0, 1)]
     assert float(dp["accuracy_mean"]) == pytest.approx(sum(accs) / 2)
     md = (root / "results.md").read_text()
+    # the tiny config draws reproducible noise: rows are marked (†); dp-lora is the paired baseline
     assert "| dp-lora (†) | 2 |" in md and "NOT private against anyone who holds the config" in md and "±" in md and md.splitlines()[0] in result.output
+    assert "vs dp-lora: points (95% CI) | verdict |" in md and "| baseline | baseline |" in md
+    assert "the DP noise too (reproducible noise)" in md
+    fedsa_row = next(line for line in md.splitlines() if line.startswith("| fedsa-lora (†) | 2 |"))
+    assert "(2 seeds) |" in fedsa_row  # paired over both seeds
+    _png(root / "paired_differences.png")
     _png(root / "accuracy_per_round.png")
     _png(root / "accuracy_vs_epsilon.png")
     _png(root / "figures" / "eps2" / "accuracy.png")  # `fedlora plot` over the seed-0 runs
@@ -142,4 +148,4 @@ def test_compare_without_progress_runs_in_process(cfg_file: Path, tmp_path: Path
                      no_dp_reference=True)
     result = run_compare(grid, progress=False)
     assert [r["method"] for r in result["rows"]] == ["ffa-lora"]
-    assert "| ffa-lora (†) | 4 |" in result["markdown"]
+    assert "| ffa-lora (†) | 4 |" in result["markdown"]  # reproducible noise in the tiny config

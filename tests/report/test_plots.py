@@ -104,3 +104,12 @@ def test_single_measurement_per_run_is_drawn_as_bars(tmp_path: Path) -> None:
     _png(made["sharpness.png"])
     several = _run(tmp_path, "many", "as-lora", 3.0, _records(4, sharpness=lambda r: 5.0 + r))
     assert single_points(load_runs([*once, several]), "sharpness") is None  # one run with a curve: lines for all
+
+
+def test_signal_against_noise_is_drawn_per_group(tmp_path: Path) -> None:
+    sig = {f"signal/{g}": (lambda r, g=g: 0.1 * r if g != "head" else 2.0) for g in ("A", "B", "head")}
+    noi = {f"noise/{g}": 0.5 for g in ("A", "B", "head")}
+    d = _run(tmp_path, "sig", "dp-lora", 3.0, _records(3, **sig, **noi, **{"signal/A.0": 0.1}))
+    made = {p.name: p for p in plot_runs([d], tmp_path / "fig")}
+    assert "signal_noise.png" in made
+    _png(made["signal_noise.png"])

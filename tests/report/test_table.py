@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedlora.report.compare import Cell, Grid
@@ -85,3 +86,56 @@ def test_rows_of_runs_with_reproducible_noise_are_marked_not_private(tmp_path: P
     md = write_tables(grid)["markdown"]
     assert "| ffa-lora (†) | 3 |" in md and "| dp-lora | 3 |" in md
     assert "(†) reproducible noise: NOT private against anyone who holds the config" in md
+
+
+def test_paired_interval_is_computed_from_per_seed_differences(tmp_path: Path) -> None:
+    """Seeds shift every method alike (same partition, test split, sampling): the per-seed
+    differences decide, not the methods' own spread over seeds."""
+    from fedlora.report.table import paired_interval
+
+    accs = {"dp-lora": [0.50, 0.70, 0.60], "ffa-lora": [0.52, 0.72, 0.62],  # +2 points in every seed
+            "la-lora": [0.53, 0.74, 0.60], "head-only": [0.45, 0.66, 0.57]}
+    methods = list(accs)
+    cells = [Cell(m, 3.0, s) for m in methods for s in range(3)]
+    grid = Grid(tmp_path, {"methods": methods, "seeds": 3}, [(c, None) for c in cells])
+    for c in cells:
+        _finished(tmp_path, c, accs[c.method][c.seed], [0.0])
+    summary = json.loads((tmp_path / cells[3].name / "summary.json").read_text())
+    (tmp_path / cells[3].name / "summary.json").write_text(json.dumps({**summary, "variant": "ffa-lora (x on)"}))
+    rows = {r["method"]: r for r in collect(grid, "dp-lora")[0]}
+    assert rows["dp-lora"]["verdict"] == "baseline"
+    ffa = rows["ffa-lora"]
+    assert ffa["paired_seeds"] == 3 and ffa["paired_diff_mean"] == pytest.approx(0.02)
+    assert ffa["paired_ci_low"] == pytest.approx(0.02) and ffa["paired_ci_high"] == pytest.approx(0.02)
+    assert ffa["verdict"] == "better" and ffa["variant"] == "ffa-lora (x on)"
+    assert ffa["accuracy_std"] > 0.09  # unpaired, the spread over seeds would hide the gap
+    diffs = [0.03, 0.04, 0.0]  # la-lora - dp-lora per seed
+    mean, low, high = paired_interval(diffs)
+    half = 4.302652729911275 * float(np.std(diffs, ddof=1)) / math.sqrt(3)  # t(0.975, 2)
+    assert (mean, low, high) == (pytest.approx(0.07 / 3), pytest.approx(0.07 / 3 - half), pytest.approx(0.07 / 3 + half))
+    la = rows["la-lora"]
+    assert (la["paired_ci_low"], la["paired_ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert la["verdict"] == "no difference" and rows["head-only"]["verdict"] == "worse"
+    out = write_tables(grid, "dp-lora")
+    md = out["markdown"]
+    assert "vs dp-lora: points (95% CI) | verdict |" in md
+    assert "| ffa-lora (x on) | 3 |" in md and "+2.0 [+2.0, +2.0] (3 seeds) | better |" in md
+    assert "not the DP noise" in md
+    assert (tmp_path / "paired_differences.png").stat().st_size > 1000
+    row = next(r for r in csv.DictReader((tmp_path / "results.csv").open()) if r["method"] == "head-only")
+    assert row["verdict"] == "worse" and float(row["paired_diff_mean"]) == pytest.approx(-0.04)
+
+
+def test_paired_columns_need_a_baseline_in_the_grid(tmp_path: Path) -> None:
+    from fedlora.errors import ConfigError
+
+    cells = [Cell("ffa-lora", 1.0, 0), Cell("rolora", 1.0, 0)]
+    grid = Grid(tmp_path, {"methods": ["ffa-lora", "rolora"], "seeds": 1}, [(c, None) for c in cells])
+    for c in cells:
+        _finished(tmp_path, c, 0.6, [0.0])
+    with pytest.raises(ConfigError, match="--baseline 'dp-lora' is not among"):
+        write_tables(grid, "dp-lora")
+    md = write_tables(grid)["markdown"]  # no dp-lora in the grid: no paired columns
+    assert "verdict" not in md
+    rows = {r["method"]: r for r in collect(grid, "ffa-lora")[0]}
+    assert rows["rolora"]["paired_seeds"] == 1 and rows["rolora"]["verdict"].startswith("n/a")

@@ -6,8 +6,8 @@ clients' Poisson batches (each its own size) are concatenated, the frozen backbo
 and each linear layer applies client c's weights to client c's rows. One backward pass gives
 the output gradient of every active layer; the per-example gradient of each active tensor is
 an ``einsum`` of that layer's input and output gradient (as in ``privacy/dpsgd.py``). Each
-client then goes through :func:`fedlora.privacy.dpsgd.privatize` on its own rows (flat
-clip per example, sum, Gaussian noise with its own sigma drawn from its own RNG stream,
+client then goes through :func:`fedlora.privacy.dpsgd.privatize` on its own rows (flat or
+per-group clip per example, sum, Gaussian noise with its own sigma drawn from its own RNG stream,
 divided by its expected batch), its schedule transform, and its own optimizer state (Adam's
 moments are per parameter, and every client has its own parameters). Row sampling and noise
 use the same derived generators, in the same order, as :func:`~fedlora.federation.client.run_client`,
@@ -31,10 +31,14 @@ from fedlora.federation.client import (
     ClientSpec,
     ClientState,
     _optimizer,
+    dp_step_options,
+    head_names,
     poisson_batch,
+    signal_meter,
 )
 from fedlora.federation.faults import finite
 from fedlora.federation.server import RoundOutcome
+from fedlora.federation.signal import round_signal
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import linear_per_sample, privatize
 from fedlora.seeds import generator
@@ -106,7 +110,10 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
     values = [{k: v.clone().requires_grad_(True) for k, v in {**start, **s.local}.items() if k in start} for s in states]
     trainable = sorted(plan.trainable)
     before = [{k: v[k].detach().clone() for k in trainable} for v in values]
-    optimizer = _optimizer([v[k] for v in values for k in trainable], rt.cfg.train)  # per-parameter state
+    heads = head_names(rt)
+    optimizer = _optimizer([v[k] for v in values for k in trainable], rt.cfg.train,
+                           [k in heads for _ in values for k in trainable])  # per-parameter state
+    meters = [signal_meter(rt) for _ in specs]
     gens = [generator(seed, "client", s.cid, plan.round) for s in specs]  # Poisson sampling, as run_client
     noises = [s.noise(seed, plan.round, rt.device) for s in specs]
     batched = _Batched(rt, values)
@@ -136,10 +143,15 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
         split = {k: torch.split(g, counts) for k, g in per_sample.items()}
         for c, (spec, n, part_loss) in enumerate(zip(specs, counts, torch.split(loss, counts), strict=True)):
             mine = {k: split[k][c] for k in active}
+            meter = meters[c]
+            exact = {} if meter is not None and meter.mode == "exact" and spec.dp else None
             if spec.dp is not None:
-                grads = privatize(mine, spec.dp, noises[c])
+                grads = privatize(mine, spec.dp, noises[c], **dp_step_options(rt, spec, exact))
             else:
                 grads = {k: g.mean(0) if n else torch.zeros_like(values[c][k]) for k, g in mine.items()}
+            if meter is not None:
+                std = spec.dp.noise_multiplier * spec.dp.clip_norm / spec.dp.expected_batch_size if spec.dp else 0.0
+                meter.step(grads, std, exact, spec.expected_batch if spec.dp else 1.0)
             grads = method.schedule.transform(grads, plan, step)
             for k, g in grads.items():
                 values[c][k].grad = g
@@ -158,7 +170,8 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
         local = {**state.local, **{k: after[k] for k in state.local if k in after}}
         new_state = ClientState(local, state.dp_steps + (local_steps if spec.dp else 0))
         loss_c = float(torch.stack(losses[c]).mean()) if losses[c] else float("nan")
-        results.append(ClientResult(upload, new_state, local_steps, loss_c, examples[c]))
+        results.append(ClientResult(upload, new_state, local_steps, loss_c, examples[c],
+                                    meters[c].result() if meters[c] is not None else None))
     adapted.load({k: v.detach() for k, v in values[-1].items()})  # as the sequential engine leaves it
     adapted.set_active(set(adapted.params))
     return results
@@ -191,4 +204,4 @@ def train_batched(nodes: list[ClientNode], rt: Runtime, method: Method, cfg, pla
     order = [c for c in sampled if c in ok]
     losses = [ok[c].loss for c in order if nodes[c].spec.dp is None]
     return RoundOutcome(order, [ok[c].upload for c in order], charged, failures, 1, losses,
-                        {"batched_clients": min(k, len(sampled))})
+                        {"batched_clients": min(k, len(sampled)), **round_signal([ok[c].signal for c in order])})

@@ -24,6 +24,7 @@ import torch
 from fedlora.devices import non_finite
 from fedlora.errors import Refused
 from fedlora.federation.runtime import Runtime
+from fedlora.federation.signal import SignalMeter, signal_groups
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import DPParams, privatize, sum_by_record
 from fedlora.privacy.noise import NoiseSource, noise_stream
@@ -73,14 +74,42 @@ class ClientResult:
     steps: int
     loss: float  # mean training loss over the round's batches (never released under DP)
     examples: int  # examples the round touched (sum of batch sizes; never released under DP)
+    signal: dict[str, float] | None = None  # eval.signal_diagnostics (federation/signal.py); None when off
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+def _optimizer(params: list[torch.nn.Parameter], cfg, head: list[bool] | None = None) -> torch.optim.Optimizer:
+    """The local optimizer; with ``train.head_lr`` the head's tensors (``head``: one flag per
+    parameter) form a second parameter group at that rate (post-processing: no privacy cost)."""
+    groups: list | list[dict] = params
+    if cfg.head_lr is not None and head is not None and any(head):
+        rest = [p for p, h in zip(params, head, strict=True) if not h]
+        heads = [p for p, h in zip(params, head, strict=True) if h]
+        groups = ([{"params": rest}] if rest else []) + [{"params": heads, "lr": cfg.head_lr}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def head_names(rt: Runtime) -> frozenset[str]:
+    return frozenset(f.name for f in rt.adapted.factors if f.role == "head")
+
+
+def clip_groups(rt: Runtime) -> dict[str, str]:
+    """Tensor name -> its per-group clipping group ('head' | 'adapter'; privacy/dpsgd.py)."""
+    return {f.name: "head" if f.role == "head" else "adapter" for f in rt.adapted.factors}
+
+
+def dp_step_options(rt: Runtime, spec: ClientSpec, signal: dict[str, float] | None) -> dict:
+    """privatize's keyword options for this client: the group map under per-group clipping, the
+    exact signal's sink; none in the default flat step (whose call is exactly privatize(g, dp, noise))."""
+    kw: dict = {}
+    if spec.dp is not None and spec.dp.head_clip_fraction is not None:
+        kw["groups"] = clip_groups(rt)
+    if signal is not None:
+        kw["signal"] = signal
+    return kw
 
 
 def poisson_batch(n: int, rate: float, gen: torch.Generator) -> np.ndarray:
@@ -92,23 +121,27 @@ def poisson_batch(n: int, rate: float, gen: torch.Generator) -> np.ndarray:
 
 
 def local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str], noise: NoiseSource,
-                    dropout: tuple[object, ...] = ()) -> tuple[State, torch.Tensor | None]:
+                    dropout: tuple[object, ...] = (), signal: dict[str, float] | None = None,
+                    ) -> tuple[State, torch.Tensor | None]:
     """One step's gradient of the active tensors: privatised with DP, plain mean without.
     ``dropout``: the seed parts of this step's dropout masks (client, round, attempt, step).
+    ``signal``: filled with the clipped sum's squared norms (NOT private; eval.signal_diagnostics=exact).
 
     The second value is the batch's mean loss as a 0-d tensor on the device, without DP only
     (None under DP, where the loss is never released, and for an empty batch): no host sync."""
     with seeded_torch(*dropout, "dropout", device=rt.device):
-        return _local_gradients(rt, spec, rows, active, noise)
+        return _local_gradients(rt, spec, rows, active, noise, signal)
 
 
 def _local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str],
-                     noise: NoiseSource) -> tuple[State, torch.Tensor | None]:
+                     noise: NoiseSource, signal: dict[str, float] | None = None) -> tuple[State, torch.Tensor | None]:
     adapted, task = rt.adapted, rt.task
     params = {k: adapted.params[k] for k in active}
+    kw = dp_step_options(rt, spec, signal)
     if len(rows) == 0:
         zero = {k: torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype) for k, p in params.items()}
-        return (privatize(zero, spec.dp, noise) if spec.dp else {k: torch.zeros_like(p) for k, p in params.items()}), None
+        return (privatize(zero, spec.dp, noise, **kw) if spec.dp
+                else {k: torch.zeros_like(p) for k, p in params.items()}), None
     batch = task.batch(task.train, spec.indices[rows], rt.device)
     if spec.dp is None:
         with rt.autocast():
@@ -138,7 +171,7 @@ def _local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: li
         per_sample.update(loop_per_sample(sub, loss_of, len(losses)))
     if "record" in batch:  # several rows per example (QA windows): one clipped contribution per example
         per_sample = sum_by_record(per_sample, batch["record"], len(rows))
-    return privatize(per_sample, spec.dp, noise), None  # the loss is not released under DP
+    return privatize(per_sample, spec.dp, noise, **kw), None  # the loss is not released under DP
 
 
 def run_client(
@@ -159,18 +192,24 @@ def run_client(
     adapted.model.train()
     before = adapted.state(sorted(plan.trainable))
     trainable = [adapted.params[k] for k in sorted(plan.trainable)]
-    optimizer = _optimizer(trainable, rt.cfg.train)  # fresh every round
+    heads = head_names(rt)
+    optimizer = _optimizer(trainable, rt.cfg.train, [k in heads for k in sorted(plan.trainable)])  # fresh every round
     stream = spec.stream(seed, plan.round, attempt)
     gen = generator(*stream)  # Poisson sampling (CPU stream)
     noise = spec.noise(seed, plan.round, rt.device, attempt)
     last: State = {}
     losses: list[torch.Tensor] = []  # device scalars, without DP only: one host sync per round
     examples = 0
+    noise_std = spec.dp.noise_multiplier * spec.dp.clip_norm / spec.dp.expected_batch_size if spec.dp else 0.0
+    meter = signal_meter(rt)
     for step in range(local_steps):
         active = sorted(method.schedule.active(plan, step))
         adapted.set_active(set(active))
         rows = poisson_batch(len(spec.indices), spec.sample_rate, gen)
-        grads, loss = local_gradients(rt, spec, rows, active, noise, (*stream, "step", step))
+        exact = {} if meter is not None and meter.mode == "exact" and spec.dp else None
+        grads, loss = local_gradients(rt, spec, rows, active, noise, (*stream, "step", step), exact)
+        if meter is not None:  # before the schedule's transform: the DP step's own output
+            meter.step(grads, noise_std, exact, spec.expected_batch if spec.dp else 1.0)
         grads = method.schedule.transform(grads, plan, step)
         optimizer.zero_grad(set_to_none=True)  # inactive tensors keep grad=None: no state advance
         for k, g in grads.items():
@@ -183,7 +222,6 @@ def run_client(
             losses.append(loss)
     adapted.set_active(set(adapted.params))
     after = adapted.state(sorted(plan.trainable))
-    noise_std = spec.dp.noise_multiplier * spec.dp.clip_norm / spec.dp.expected_batch_size if spec.dp else 0.0
     trace = ClientTrace(last, noise_std, local_steps, rt.cfg.train.lr)
     if method.reads_private_data:
         from fedlora.federation.private_probe import loss_probe  # noqa: PLC0415
@@ -193,7 +231,14 @@ def run_client(
     local = {**state.local, **{k: after[k] for k in state.local if k in after}}
     new_state = ClientState(local, state.dp_steps + (local_steps if spec.dp else 0))
     mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-    return ClientResult(upload, new_state, local_steps, mean_loss, examples)
+    return ClientResult(upload, new_state, local_steps, mean_loss, examples,
+                        meter.result() if meter is not None else None)
+
+
+def signal_meter(rt: Runtime) -> SignalMeter | None:
+    """The round's signal diagnostic (eval.signal_diagnostics), or None when it is off."""
+    mode = rt.cfg.eval.signal_diagnostics
+    return None if mode == "off" else SignalMeter(mode, signal_groups(rt.adapted.factors))
 
 
 def weaker_privacy(own, asked) -> str | None:
@@ -281,7 +326,7 @@ class ClientNode:
         if commit:
             self.state = res.state
         if self.spec.dp is not None:
-            res = ClientResult(res.upload, res.state, res.steps, float("nan"), 0)
+            res = ClientResult(res.upload, res.state, res.steps, float("nan"), 0, res.signal)
         return res
 
     def charge(self, steps: int) -> None:

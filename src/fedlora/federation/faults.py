@@ -28,6 +28,7 @@ from fedlora.devices import all_finite
 from fedlora.errors import BudgetExhausted, ClientsFailed, FedloraError
 from fedlora.federation.client import ClientNode, ClientResult
 from fedlora.federation.server import RoundOutcome, round_half_up
+from fedlora.federation.signal import round_signal
 from fedlora.methods.base import RoundPlan, State
 from fedlora.seeds import derive_seed
 
@@ -126,4 +127,5 @@ def run_clients(nodes: list[ClientNode], cfg, plan: RoundPlan, download: State, 
         todo, attempt = failed, attempt + 1
     order = [c for c in sampled if c in ok]
     losses = [ok[c].loss for c in order if nodes[c].spec.dp is None]
-    return RoundOutcome(order, [ok[c].upload for c in order], charged, failures, attempt + 1, losses)
+    return RoundOutcome(order, [ok[c].upload for c in order], charged, failures, attempt + 1, losses,
+                        round_signal([ok[c].signal for c in order]))  # eval.signal_diagnostics (empty when off)

@@ -18,6 +18,7 @@ import torch
 from fedlora.devices import non_finite
 from fedlora.errors import BudgetExhausted, ClientsFailed
 from fedlora.federation.diagnostics import round_diagnostics
+from fedlora.federation.signal import NOT_COVERED as SIGNAL_NOT_COVERED
 from fedlora.methods.base import Method, PlanContext, RoundPlan, State
 from fedlora.privacy.accounting import epsilon
 from fedlora.privacy.noise import NOT_PRIVATE_WITH_CONFIG
@@ -52,6 +53,15 @@ def aggregate_round(method: Method, ctx: PlanContext, plan: RoundPlan, global_st
 
 def state_bytes(state: State) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def not_covered(cfg, method: Method) -> str:
+    """Why a DP run is NOT covered by its DP guarantee ('' when it is): the method re-reads private
+    data outside the DP step, or the run releases the exact (noiseless) signal diagnostic."""
+    why = [method.reads_private_data] if method.reads_private_data else []
+    if cfg.privacy.enabled and cfg.eval.signal_diagnostics == "exact":
+        why.append(SIGNAL_NOT_COVERED)
+    return "; ".join(why)
 
 
 # ----------------------------------------------------------------------------- the server side
@@ -166,8 +176,9 @@ class Server:
         text = " and ".join(held) if held else "none (no DP)"
         if held and dp.reproducible_noise:
             text += f"; {NOT_PRIVATE_WITH_CONFIG}"
-        if self.method.reads_private_data:  # e.g. as-lora curvature=finite-difference
-            text += f"; NOT covered by the DP guarantee: {self.method.reads_private_data}"
+        why = not_covered(self.cfg, self.method)
+        if why:  # e.g. as-lora curvature=finite-difference, eval.signal_diagnostics=exact
+            text += f"; NOT covered by the DP guarantee: {why}"
         return text
 
     # ------------------------------------------------------------------ one round

@@ -64,7 +64,9 @@ def client_specs(cfg: ExperimentConfig, parts: list[np.ndarray]) -> list[ClientS
             if budget < fed.local_steps:
                 raise ConfigError(f"privacy.epsilon={dp.epsilon:g} is too small for one round of {fed.local_steps} steps at "
                                   f"noise_multiplier={sigma:g} (client {cid} allows {budget}); raise privacy.epsilon or the noise")
-        specs.append(ClientSpec(cid, idx, q, DPParams(sigma, dp.clip_norm, q * len(idx)), budget, dp.reproducible_noise))
+        head_f = dp.head_clip_fraction if dp.clipping == "per-group" else None
+        specs.append(ClientSpec(cid, idx, q, DPParams(sigma, dp.clip_norm, q * len(idx), head_f), budget,
+                                dp.reproducible_noise))
     return specs
 
 
@@ -255,7 +257,9 @@ class Simulation:
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> dict[str, Any]:
-        return {"method": self.method.name, "clients": [len(p) for p in self.parts],
+        return {"method": self.method.name, "method_variant": self.method.variant,
+                "method_info": {k: v for k, v in self.method.info.items() if isinstance(v, str | bool | int | float)},
+                "clients": [len(p) for p in self.parts],
                 "label_histograms": self.histograms,
                 "majority_rate": majority_rate(self.rt.task.test.labels),
                 "trainable_parameters": int(sum(self.rt.adapted.params[k].numel() for k in self.rt.adapted.params)),

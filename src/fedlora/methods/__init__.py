@@ -8,6 +8,7 @@ from fedlora.methods import (  # noqa: F401
     fedsvd,
     ffa_lora,
     flora,
+    head_only,
     la_lora,
     rolora,
 )

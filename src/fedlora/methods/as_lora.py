@@ -11,12 +11,16 @@ Every seam is post-processing of DP outputs plus public constants (no privacy co
   has such a name): the energy of the last step's noisy gradient under a fixed seeded Gaussian
   projection (``g R`` for A, ``R g`` for B), minus the expected noise energy
   ``numel * noise_std^2`` (the client's own sigma), floored at 0.
-- Curvature (option ``curvature``): ``off`` (default) or ``secant`` [interp, ALGORITHMS.md 6.2b]
-  in the last ``curvature_rounds`` (10) rounds: for an SGD step ``-eta g_{T-1}``,
+- Curvature (option ``curvature``): ``secant`` (default, privacy-exact) [interp, ALGORITHMS.md 6.2b]
+  in the last ``curvature_rounds`` (10) rounds, as the reference code switches its curvature on
+  (``USE_CURV = r > ROUNDS - 10``: every round of a run of 10 rounds or fewer), or ``off``
+  (the energy alone). Secant: for an SGD step ``-eta g_{T-1}``,
   ``eta kappa = -<g_T - g_{T-1}, g_{T-1}> / ||g_{T-1}||^2`` (noise-debiased) and the score is
   ``e (1 - eta kappa / 2)``, floored at 0; or ``finite-difference`` (the reference code's: it
   re-reads the private batch outside DP, so it needs ``allow_non_private_curvature: true`` and
-  the run is marked NOT covered by the DP guarantee; ``as_lora_curvature.py``).
+  the run is marked NOT covered by the DP guarantee; ``as_lora_curvature.py``). The secant
+  schedule keeps each client's last two gradients, so the batched engine runs as-lora one
+  client after another (``batched_clients: auto`` falls back; ``curvature: off`` batches).
 - Aggregate: weighted mean of the parameters; each score's uniform mean over the clients that
   sent it updates the server's EMA (beta 0.9) of that layer's active factor only.
 """

@@ -26,7 +26,7 @@ NOT_COVERED = ("as-lora curvature=finite-difference evaluates the loss on the pr
 
 def curvature_option(setup: MethodSetup) -> str:
     """The ``curvature`` option, refusing finite differences unless explicitly allowed."""
-    curvature = setup.option("curvature", "off")
+    curvature = setup.option("curvature", "secant")  # the paper's curvature-aware score, privacy-exact
     allowed = setup.option("allow_non_private_curvature", False)
     if curvature not in CURVATURES:
         raise ConfigError(f"as-lora option 'curvature' must be one of {', '.join(CURVATURES)}, got {curvature!r}")

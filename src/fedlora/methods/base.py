@@ -93,3 +93,12 @@ class Method:
     side_uploads: tuple[str, ...] = ()  # key prefixes of uploaded values that are not model tensors (AS-LoRA's scores)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the saved config / summary
     reads_private_data: str = ""  # non-empty: why the run is NOT covered by the DP guarantee (gets ClientTrace.probe)
+
+    @property
+    def variant(self) -> str:
+        """The name plus the options that select what ran, e.g. 'as-lora (curvature secant)' or
+        'la-lora (phase B, filter on)': the label every table row and summary carries."""
+        named = {"composed_from", "plan", "schedule", "upload", "aggregate"}  # a composed name already says these
+        parts = [f"{k} {'on' if v is True else 'off' if v is False else v}" for k, v in self.info.items()
+                 if isinstance(v, str | bool | int | float) and k not in named]
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name

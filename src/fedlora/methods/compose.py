@@ -73,6 +73,8 @@ for seam in [
          lambda m: _roles(m, {"B", "head"}, ("A",)), frozenset({TRAINS_B, SHARES_B, A_FIXED, ONE_FACTOR}), frozen=("A",)),
     Seam("plan", "b-only", lambda s: TrainRoles(("B", "head")), lambda m: _roles(m, {"B", "head"}),
          frozenset({TRAINS_B, SHARES_A, SHARES_B, A_FIXED, ONE_FACTOR})),
+    Seam("plan", "head-only", lambda s: TrainRoles(("head",), skip_download=("A", "B")),
+         lambda m: _roles(m, {"head"}, ("A", "B")), frozenset({A_FIXED, ONE_FACTOR}), frozen=("A", "B")),
     Seam("plan", "alternate-rounds", lambda s: AlternateRounds(), lambda m: isinstance(m.plan, AlternateRounds),
          frozenset({SHARES_A, SHARES_B, ONE_FACTOR})),
     Seam("plan", "layerwise", lambda s: LayerwiseChoice(), lambda m: isinstance(m.plan, LayerwiseChoice),

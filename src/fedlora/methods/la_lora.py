@@ -12,8 +12,10 @@ Models", ICLR 2026, https://arxiv.org/abs/2602.19926 (ALGORITHMS.md section 5).
   kernel (1/16)[1, 4, 6, 4, 1] along the feature axis of the noisy gradient of the active
   factor (A: r x k, each row along k; B: d x r, each column along d), mirror padding, the
   rank axis never mixed. It is post-processing of the privatised gradient: no privacy cost.
-  Applied to every step's gradient before the optimizer step [interp]. The public code's
-  Laplacian smoothing and its double step are not reproduced.
+  Applied to every step's gradient before the optimizer step [interp]. The factors of a 1x1
+  convolution (A: (r, k, 1, 1), B: (d, r, 1, 1)) are filtered as the matrices they are (reshaped
+  to (r, k) / (d, r), filtered, reshaped back); any other factor shape is refused rather than
+  left unfiltered. The public code's Laplacian smoothing and its double step are not reproduced.
 - Server: FedAvg of A and B separately (inexact, as in the paper).
 """
 
@@ -50,6 +52,17 @@ def binomial_smooth(g: torch.Tensor, dim: int) -> torch.Tensor:
     return out.reshape(lines.shape).movedim(-1, dim)
 
 
+def smooth_factor(name: str, g: torch.Tensor, dim: int) -> torch.Tensor:
+    """The filter on one factor's gradient: a matrix directly, a 1x1 convolution's (out, in, 1, 1)
+    factor as its (out, in) matrix; any other shape is refused (never silently left unfiltered)."""
+    if g.dim() == 2:
+        return binomial_smooth(g, dim)
+    if g.dim() == 4 and tuple(g.shape[2:]) == (1, 1):
+        return binomial_smooth(g.reshape(g.shape[0], g.shape[1]), dim).reshape(g.shape)
+    raise ConfigError(f"la-lora's low-pass filter needs matrix factors (or a 1x1 convolution's); '{name}' has shape "
+                      f"{tuple(g.shape)}; set method.options.filter=false to run without it")
+
+
 @dataclass(frozen=True)
 class AlternateSteps:
     """One factor per local step, ``first`` at step 1; the head joins every step."""
@@ -67,8 +80,7 @@ class AlternateSteps:
         if not self.smooth:
             return grads
         f = self.factor(step)
-        return {k: binomial_smooth(g, FEATURE_AXIS[f]) if k in plan.groups[f] and g.dim() == 2 else g
-                for k, g in grads.items()}
+        return {k: smooth_factor(k, g, FEATURE_AXIS[f]) if k in plan.groups[f] else g for k, g in grads.items()}
 
 
 def alternate_steps(setup: MethodSetup) -> AlternateSteps:

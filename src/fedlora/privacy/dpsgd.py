@@ -7,7 +7,12 @@ inside the ordinary backward pass from the layer's saved input and output gradie
 over tokens or pixels), for the active tensors only.
 Tensors not owned by a linear layer (VeRA's lambda vectors, say) fall back to a
 one-example-at-a-time loop: slower, exact. Clipping is flat (one L2 norm over all active
-tensors of the step), noise is Gaussian with std ``sigma * C`` on the clipped sum, and the
+tensors of the step) or per group (``privacy.clipping: per-group``: the head to
+``C_head = C sqrt(f)`` and the adapter factors to ``C_adapter = C sqrt(1 - f)``, f =
+``privacy.head_clip_fraction``, so C_head^2 + C_adapter^2 = C^2 and every example's clipped
+gradient over all groups still has norm <= C, as in Opacus's per-layer clipping); noise is
+Gaussian with std ``sigma * C`` on every coordinate of the clipped sum in both cases (the same
+sensitivity-C Gaussian mechanism, so the accountant is unchanged; docs/privacy.md), and the
 result is divided by the expected batch size, as Opacus does for Poisson sampling. The noise
 comes from a :class:`~fedlora.privacy.noise.NoiseSource`: the OS's secure randomness unless the
 run opted into a reproducible stream (``privacy/noise.py``).
@@ -33,6 +38,14 @@ class DPParams:
     noise_multiplier: float  # sigma
     clip_norm: float  # C
     expected_batch_size: float  # q * n
+    head_clip_fraction: float | None = None  # per-group clipping: share f of C^2 for the head (None: flat)
+
+    def group_bounds(self) -> dict[str, float]:
+        """Per-group clipping bounds (head, adapter) whose squares sum to C^2; flat: one group."""
+        if self.head_clip_fraction is None:
+            return {"all": self.clip_norm}
+        f = self.head_clip_fraction
+        return {"head": self.clip_norm * f**0.5, "adapter": self.clip_norm * (1.0 - f) ** 0.5}
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
@@ -223,9 +236,32 @@ def add_noise(summed: Grads, *, std: float, noise: NoiseSource) -> Grads:
     return {k: summed[k] + std * z.to(summed[k].dtype) for k, z in zip(names, draws, strict=True)}
 
 
-def privatize(per_sample: Grads, dp: DPParams, noise: NoiseSource) -> Grads:
-    """clip -> sum -> noise -> scale by the expected batch size."""
-    summed = clipped_sum(per_sample, clip_factors(per_sample, dp.clip_norm))
+def group_clip_factors(per_sample: Grads, dp: DPParams, groups: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Per tensor, its per-example clip factors: flat over all tensors, or per group (``groups``:
+    name -> 'head' | 'adapter'; a name it lacks is an adapter tensor) with the bounds of
+    :meth:`DPParams.group_bounds`. Either way each example's clipped gradient has norm <= C."""
+    bounds = dp.group_bounds()
+    if "all" in bounds or groups is None:
+        f = clip_factors(per_sample, dp.clip_norm)
+        return dict.fromkeys(per_sample, f)
+    out: dict[str, torch.Tensor] = {}
+    for group in sorted({groups.get(k, "adapter") for k in per_sample}):
+        sub = {k: g for k, g in per_sample.items() if groups.get(k, "adapter") == group}
+        f = clip_factors(sub, bounds[group])
+        out.update(dict.fromkeys(sub, f))
+    return out
+
+
+def privatize(per_sample: Grads, dp: DPParams, noise: NoiseSource, *, groups: dict[str, str] | None = None,
+              signal: dict[str, float] | None = None) -> Grads:
+    """clip (flat, or per group with ``groups``) -> sum -> noise -> scale by the expected batch size.
+
+    ``signal``, when given, receives each tensor's squared norm of the noiseless clipped sum: a
+    NON-private statistic (research diagnostics only; a run that releases it is not covered by DP)."""
+    factors = group_clip_factors(per_sample, dp, groups)
+    summed = {k: torch.einsum("b,b...->...", factors[k].to(g.dtype), g) for k, g in per_sample.items()}
+    if signal is not None:
+        signal.update({k: float(v.double().pow(2).sum()) for k, v in summed.items()})
     noisy = add_noise(summed, std=dp.noise_multiplier * dp.clip_norm, noise=noise)
     return {k: v / dp.expected_batch_size for k, v in noisy.items()}
 

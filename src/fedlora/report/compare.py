@@ -25,7 +25,7 @@ from fedlora.errors import ConfigError, FedloraError
 from fedlora.methods.registry import METHOD_DEFAULTS
 from fedlora.report.cells import read_summary, run_cell
 from fedlora.report.runtime_pool import RuntimePool
-from fedlora.report.table import write_tables
+from fedlora.report.table import resolve_baseline, write_tables
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,13 @@ def prepare_dir(grid: Grid) -> None:
     path.write_text(yaml.safe_dump(json.loads(json.dumps(grid.spec)), sort_keys=False), encoding="utf-8")
 
 
-def run_compare(grid: Grid, *, progress: bool = True, workers: int = 1) -> dict[str, Any]:
+def run_compare(grid: Grid, *, progress: bool = True, workers: int = 1, baseline: str | None = None) -> dict[str, Any]:
     """Run (or resume) the grid, in ``workers`` processes when > 1 (report/workers.py), then write
-    tables and figures; return {'markdown', 'rows', ...}."""
+    tables and figures, with paired differences against ``baseline`` (default dp-lora when the grid
+    runs it; report/table.py); return {'markdown', 'rows', ...}."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1 (got {workers})")
+    resolve_baseline(grid, baseline)  # refuse a baseline outside the grid before any run
     prepare_dir(grid)
     pool = RuntimePool()
     t0 = time.perf_counter()
@@ -154,6 +156,6 @@ def run_compare(grid: Grid, *, progress: bool = True, workers: int = 1) -> dict[
         if bar is not None:
             bar.stop()
         pool.close()
-    result = write_tables(grid)
+    result = write_tables(grid, baseline)
     result["seconds"] = time.perf_counter() - t0
     return result

@@ -1,7 +1,8 @@
 """PNG figures over rounds from run directories (``fedlora plot``; also used by ``fedlora compare``).
 
 Several runs are overlaid, each labelled with its method and epsilon. Keys a run's
-``metrics.jsonl`` lacks (aggregation error, sharpness, factor choices) are skipped.
+``metrics.jsonl`` lacks (aggregation error, sharpness, factor choices, signal against noise
+norms from ``eval.signal_diagnostics``) are skipped.
 """
 
 from __future__ import annotations
@@ -161,6 +162,36 @@ def heatmap(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, run_dirs: 
     return path
 
 
+SIGNAL_GROUPS = ("A", "B", "head")
+
+
+def signal_plot(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path | None:
+    """Per trained group (A, B, head), one panel: each run's signal norm (solid) and noise norm
+    (dotted) per round, from ``eval.signal_diagnostics``; None when no run logs them."""
+    groups = [g for g in SIGNAL_GROUPS if any(_series(m, f"signal/{g}")[0] for _, m in runs)]
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 0.6, 3.8), squeeze=False)
+    for ax, g in zip(axes[0], groups, strict=True):
+        for i, (label, metrics) in enumerate(runs):
+            for key, style, suffix in ((f"signal/{g}", "-", "signal"), (f"noise/{g}", ":", "noise")):
+                x, y = _series(metrics, key)
+                if x and any(v > 0 for v in y):
+                    ax.plot(x, y, style, color=f"C{i % 10}", marker="o", markersize=3, label=f"{label} {suffix}")
+        ax.set_title(f"{g}: signal vs noise norm", fontsize=9)
+        ax.set_xlabel("round")
+        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()) and ax.get_lines():
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("norm per step (gradient units)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     """Write the figures for ``run_dirs`` into ``out``; return the files written."""
     runs = load_runs(run_dirs)
@@ -172,5 +203,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
         line_plot(runs, [("aggregation_error", "-")], "relative aggregation error", out / "aggregation_error.png", log=True),
         line_plot(runs, [("sharpness", "-")], "top Hessian eigenvalue", out / "sharpness.png"),
         heatmap(runs, out / "factor_choices.png", [Path(d) for d in run_dirs]),
+        signal_plot(runs, out / "signal_noise.png"),
     ]
     return [p for p in made if p is not None]
