@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from fedlora.errors import DataError
 from fedlora.federation import partition as partition_module
-from fedlora.federation.partition import dirichlet_partition, iid_partition, label_histograms, partition, shards_partition
+from fedlora.federation.partition import (
+    dirichlet_partition,
+    iid_partition,
+    label_histograms,
+    partition,
+    shards_partition,
+)
 
 
 @settings(max_examples=60, deadline=None)
