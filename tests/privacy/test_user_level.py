@@ -144,3 +144,17 @@ def test_server_lr_scales_the_released_noisy_mean_and_leaves_the_accounting_alon
     from fedlora.federation.simulation import build_method_for
 
     assert b.wrap(build_method_for(ExperimentConfig()), seed=0).aggregate.server_lr == 5.0
+
+
+def test_the_shipped_user_level_config_is_cross_device_and_within_epsilon_8():
+    from pathlib import Path
+
+    from fedlora.config import load_config
+    from fedlora.federation.simulation import user_level_for
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "user-level.yaml")
+    fed, ul = cfg.federation, cfg.privacy.user_level
+    assert ul.enabled and fed.num_clients >= 1000 and fed.clients_per_round < 1
+    plan = user_level_for(cfg)
+    assert plan.sample_rate == fed.clients_per_round and plan.epsilon(fed.rounds) <= ul.epsilon <= 8
+    assert plan.server_lr == ul.server_lr and cfg.eval.subset is not None
