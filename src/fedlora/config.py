@@ -94,9 +94,12 @@ class FaultConfig(_Section):
 class FederationConfig(_Section):
     num_clients: int = Field(10, gt=0)
     clients_per_round: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled per round")
-    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
-    min_client_size: int = Field(8, ge=1, description="Dirichlet draws are repeated until every client has this many")
+    min_client_size: int = Field(
+        8, ge=1, description="fewest examples a Dirichlet or shards client holds (Dirichlet: redrawn, then topped up)"
+    )
+    shards_per_client: int = Field(2, gt=0, description="partition=shards: label shards per client (FedAvg's k)")
     rounds: int = Field(10, gt=0)
     local_steps: int = Field(10, gt=0)
     weighting: Literal["data-size", "uniform"] = "data-size"
@@ -134,6 +137,10 @@ class UserLevelConfig(_Section):
     epsilon: float = Field(3.0, gt=0, description="target user-level epsilon over all rounds (delta: privacy.delta)")
     noise_multiplier: float | None = Field(
         None, ge=0, description="fix sigma_u instead of calibrating it; noise std on the mean is sigma_u * S / K"
+    )
+    server_lr: float = Field(
+        1.0, gt=0, description="scale of the noisy mean delta before the method aggregates it (post-processing; "
+        "1 = plain FedAvg)"
     )
 
 
@@ -190,6 +197,10 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(1, gt=0, description="evaluate the global model every k rounds (and at the end)")
+    subset: int | None = Field(
+        None, gt=0, description="evaluate intermediate rounds on N test examples (a fixed seeded subset); the final "
+        "round always on the full test split. Unset: always the full split"
+    )
     batch_size: int = Field(256, gt=0)
     diagnostics: bool = Field(True, description="log the aggregation error per round and module (float64 replay)")
     signal_diagnostics: Literal["off", "private", "exact"] = Field(

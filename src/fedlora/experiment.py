@@ -20,7 +20,7 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
     eps = final.get("epsilon") if final else None
     if sim.cfg.privacy.enabled:
         eps = eps if eps is not None else 0.0  # no round ran
-        privacy = f"epsilon spent {eps:.2f} <= target {sim.cfg.privacy.epsilon:g} (delta {sim.cfg.privacy.delta:g})"
+        privacy = f"sample-level epsilon spent {eps:.2f} <= target {sim.cfg.privacy.epsilon:g} (delta {sim.cfg.privacy.delta:g})"
         if sim.user_dp is not None:
             privacy += f"; guarantees: {sim.guarantees(result.rounds_done).split('; reproducible noise')[0]}"
     elif sim.user_dp is not None:  # user-level only: say which guarantee holds, never "no DP"
@@ -106,6 +106,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, runtime: Any
         "final": {k: v for k, v in result.final.items() if k != "privacy"},
         "accuracy_is": getattr(sim.rt.task, "metric_label", "accuracy"),  # causal-lm: exact match of greedy generation
         "privacy": sim.ledger(),
+        "user_level": sim.user_level_ledger(result.rounds_done),  # sigma_u, q and the user-level epsilon (None: off)
         "not_covered_by_dp": not_covered(cfg, sim.method) or None,
         "reproducible_noise": cfg.privacy.reproducible_noise,  # True: NOT private against anyone holding the config
         "majority_rate": sim.describe()["majority_rate"],

@@ -95,3 +95,78 @@ def test_saved_adapter_reloads_in_peft_with_identical_logits(tiny_cfg, tmp_path)
     with torch.no_grad():
         theirs = loaded(**inputs)
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the partition was checked")
+
+
+def test_a_partition_that_cannot_work_fails_before_the_model_loads(tiny_cfg, monkeypatch):
+    import pytest
+
+    from fedlora.errors import DataError
+    from fedlora.federation import simulation
+
+    monkeypatch.setattr(simulation, "Runtime", _no_model)
+    for fed in ({"num_clients": 300, "min_client_size": 8},  # 300 x 8 > the training examples
+                {"partition": "shards", "num_clients": 200, "shards_per_client": 3}):
+        with pytest.raises(DataError) as err:
+            Simulation(tiny_cfg(federation=fed))
+        message = str(err.value)
+        assert "\n" not in message and ("min_client_size" in message or "shards_per_client" in message), message
+
+
+def test_fail_fast_through_the_cli_is_one_line(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+    from fedlora.federation import simulation
+    from tests.helpers import tiny_tree
+
+    monkeypatch.setattr(simulation, "Runtime", _no_model)
+    tree = tiny_tree(tiny_model_dir, tiny_csv, tmp_path / "runs", federation={"num_clients": 300, "min_client_size": 8})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["run", str(path), "-q"])
+    out = result.output.strip()
+    assert result.exit_code != 0 and len(out.splitlines()) == 1 and out.startswith("error:"), out
+    assert "lower federation.min_client_size or use fewer clients" in out
+
+
+def test_shards_partition_runs_end_to_end(tiny_cfg):
+    sim = Simulation(tiny_cfg(federation={"partition": "shards", "num_clients": 4, "shards_per_client": 1,
+                                          "min_client_size": 10, "rounds": 1}))
+    assert sum(min(h) == 0 for h in sim.histograms) >= 3  # one label shard each: one label per client but one
+    assert "accuracy" in sim.run().metrics[-1]
+
+
+def test_eval_subset_for_intermediate_rounds_and_the_full_split_at_the_end(tiny_cfg):
+    cfg = tiny_cfg(federation={"rounds": 3}, eval={"subset": 7, "every": 1}, privacy={"enabled": False})
+    sim = Simulation(cfg)
+    metrics = sim.run().metrics
+    assert [m.get("eval_examples") for m in metrics] == [7, 7, None]  # the final round: the full test split
+    assert metrics[-1]["accuracy"] == sim.evaluate()["accuracy"]
+    subset = sim.server.eval_subset()
+    assert subset is sim.server.eval_subset() and len(subset) == 7  # drawn once
+    other = Simulation(cfg).server.eval_subset()
+    assert np.array_equal(subset.labels, other.labels)  # from the seed
+    assert Simulation(tiny_cfg(eval={"subset": 10**6})).server.eval_subset() is None  # not smaller than the split
+
+
+def test_user_level_run_writes_sigma_u_rate_and_ledger(tiny_cfg):
+    cfg = tiny_cfg(output={"name": "ul"}, privacy={"enabled": False, "user_level": {"enabled": True, "epsilon": 5.0,
+                                                                                  "server_lr": 2.0}},
+                   federation={"num_clients": 6, "clients_per_round": 0.5, "min_client_size": 10})
+    summary = run_experiment(cfg, progress=False)
+    import pathlib
+
+    run = pathlib.Path(cfg.output.root) / "ul"
+    setup = json.loads((run / "setup.json").read_text())["user_level"]
+    assert setup["sample_rate"] == 0.5 and setup["clients_per_round"] == 3 and setup["server_lr"] == 2.0
+    assert setup["sigma_u"] > 0 and setup["planned_epsilon"] <= 5.0 and setup["epsilon"] == 0.0
+    saved = json.loads((run / "summary.json").read_text())
+    ledger = saved["user_level"]
+    assert ledger["rounds"] == 2 and ledger["sigma_u"] == setup["sigma_u"]
+    assert ledger["epsilon"] == saved["final"]["user_epsilon"] <= 5.0
+    assert "user-level" in summary["line"] and "sample-level" not in summary["line"]

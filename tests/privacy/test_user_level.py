@@ -123,3 +123,38 @@ def test_simulation_with_user_level_dp_reports_its_epsilon(tiny_cfg, method, sam
 def test_guarantees_without_user_level(tiny_cfg):
     sim = Simulation(tiny_cfg(privacy={"enabled": False}))
     assert sim.user_dp is None and sim.guarantees(1) == "none (no DP)"
+
+
+def test_server_lr_scales_the_released_noisy_mean_and_leaves_the_accounting_alone():
+    """eta * (noisy mean): post-processing of the mechanism's output, same noise draw, same epsilon."""
+    glob = _global()
+    uploads = _uploads(glob, ["A", "head"], 3, scale=2.0)
+    plain = UserLevelDP(MeanOfUploads(), clip_norm=0.5, noise_multiplier=1.0, seed=4, reproducible_noise=True)
+    fast = UserLevelDP(MeanOfUploads(), clip_norm=0.5, noise_multiplier=1.0, seed=4, reproducible_noise=True, server_lr=3.0)
+    one, three = plain(CTX, PLAN, glob, uploads, [1 / 3] * 3), fast(CTX, PLAN, glob, uploads, [1 / 3] * 3)
+    for n in ("A", "head"):
+        assert torch.allclose(three[n].double() - glob[n].double(), 3 * (one[n].double() - glob[n].double()), atol=1e-5)
+    assert torch.equal(three["B"], glob["B"])
+    kw = {"clip_norm": 1.0, "target_epsilon": 4.0, "noise_multiplier": None, "delta": 1e-5, "clients_per_round": 30,
+          "num_clients": 1000, "rounds": 20}
+    a, b = plan_user_level(**kw), plan_user_level(**kw, server_lr=5.0)
+    assert b.server_lr == 5.0 and a.noise_multiplier == b.noise_multiplier and a.epsilon(20) == b.epsilon(20) <= 4.0
+    assert b.ledger(20, planned_rounds=20, clients_per_round=30)["noise_std_on_mean"] == b.noise_multiplier / 30
+    from fedlora.config import ExperimentConfig
+    from fedlora.federation.simulation import build_method_for
+
+    assert b.wrap(build_method_for(ExperimentConfig()), seed=0).aggregate.server_lr == 5.0
+
+
+def test_the_shipped_user_level_config_is_cross_device_and_within_epsilon_8():
+    from pathlib import Path
+
+    from fedlora.config import load_config
+    from fedlora.federation.simulation import user_level_for
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "user-level.yaml")
+    fed, ul = cfg.federation, cfg.privacy.user_level
+    assert ul.enabled and fed.num_clients >= 1000 and fed.clients_per_round < 1
+    plan = user_level_for(cfg)
+    assert plan.sample_rate == fed.clients_per_round and plan.epsilon(fed.rounds) <= ul.epsilon <= 8
+    assert plan.server_lr == ul.server_lr and cfg.eval.subset is not None

@@ -153,6 +153,7 @@ class Server:
         self.metrics: list[dict[str, Any]] = []
         self.run_dir = None
         self.checkpoint: Any = None  # callable(round) set by the engine, or None
+        self._eval_subset = None  # eval.subset's examples, drawn on first use
 
     # ------------------------------------------------------------------ privacy bookkeeping
     def ledger(self) -> list[dict[str, Any]]:
@@ -186,13 +187,27 @@ class Server:
         return PlanContext(rnd, self.cfg.federation.rounds, self.rt.adapted.factors, sorted(self.global_state),
                            self.local_keys, self.memory, self.cfg.train.seed)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, *, full: bool = True) -> dict[str, float]:
+        """On the test split; ``full=False`` with ``eval.subset`` set: on its fixed seeded subset."""
         self.rt.adapted.load(self.init_local)
-        record = self.rt.evaluate(self.global_state)
+        examples = None if full else self.eval_subset()
+        record = self.rt.evaluate(self.global_state, examples)
+        if examples is not None:
+            record["eval_examples"] = len(examples)  # intermediate round on eval.subset
         if self.local_keys:
             record["personal_accuracy"] = self.runner.personal_accuracy(self.global_state)
             self.rt.adapted.load(self.init_local)
         return record
+
+    def eval_subset(self):
+        """``eval.subset`` test examples drawn once from the seed (None: unset or not smaller than the split)."""
+        n, test = self.cfg.eval.subset, self.rt.task.test
+        if n is None or n >= len(test):
+            return None
+        if self._eval_subset is None:
+            rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "server", "eval-subset"))
+            self._eval_subset = test.subset(np.sort(rng.choice(len(test), size=n, replace=False)))
+        return self._eval_subset
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         fed, seed = self.cfg.federation, self.cfg.train.seed
@@ -234,7 +249,7 @@ class Server:
             **outcome.info,
         }
         if rnd % self.cfg.eval.every == 0 or rnd == fed.rounds:
-            record.update(self.evaluate())
+            record.update(self.evaluate(full=rnd == fed.rounds))  # the final round on the full split
         ledger = self.ledger()
         eps = [row["epsilon"] for row in ledger if row["epsilon"] is not None]
         record["epsilon"] = max(eps) if eps else None

@@ -31,7 +31,7 @@ from fedlora.privacy.accounting import calibrate_noise, step_budget
 from fedlora.privacy.dpsgd import DPParams
 from fedlora.privacy.user_level import UserLevelPlan, plan_user_level
 from fedlora.seeds import derive_seed
-from fedlora.tasks import majority_rate
+from fedlora.tasks import build_task, majority_rate
 
 if TYPE_CHECKING:
     from fedlora.report.rundir import RunDir
@@ -97,7 +97,8 @@ def user_level_for(cfg: ExperimentConfig) -> UserLevelPlan | None:
         return None
     k = len(sample_clients(fed.num_clients, fed.clients_per_round, seed=cfg.train.seed, round=1))
     return plan_user_level(clip_norm=ul.clip_norm, target_epsilon=ul.epsilon, noise_multiplier=ul.noise_multiplier,
-                           delta=cfg.privacy.delta, clients_per_round=k, num_clients=fed.num_clients, rounds=fed.rounds)
+                           delta=cfg.privacy.delta, clients_per_round=k, num_clients=fed.num_clients, rounds=fed.rounds,
+                           server_lr=ul.server_lr)
 
 
 class InProcessClients:
@@ -137,17 +138,20 @@ class Simulation:
         self.user_dp = user_level_for(cfg)
         if self.user_dp is not None:  # privatise every upload before the method aggregates
             self.method = self.user_dp.wrap(self.method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise)
-        self.rt = runtime or Runtime(cfg)
+        # Fail fast: everything that depends on the data only (partition, client sizes, sigma calibration)
+        # is done before the model loads and the frozen prefix is cached (seconds to minutes).
+        task = runtime.task if runtime is not None else build_task(cfg.task, cfg.train.seed)
         fed = cfg.federation
-        labels = self.rt.task.train.labels
+        labels = task.train.labels
         extra = extra_rows or {}
         reserved = np.concatenate([np.zeros(0, np.int64), *extra.values(), *([held_out_rows] if held_out_rows is not None else [])])
         pool = np.setdiff1d(np.arange(len(labels)), reserved)  # every row when nothing is reserved
-        parts = partition(labels[pool], scheme=fed.partition, num_clients=fed.num_clients,
-                          alpha=fed.dirichlet_alpha, seed=cfg.train.seed, min_size=fed.min_client_size)
+        parts = partition(labels[pool], scheme=fed.partition, num_clients=fed.num_clients, alpha=fed.dirichlet_alpha,
+                          seed=cfg.train.seed, min_size=fed.min_client_size, shards_per_client=fed.shards_per_client)
         self.parts = [np.sort(np.concatenate([pool[p], np.asarray(extra.get(c, []), np.int64)])) for c, p in enumerate(parts)]
-        self.histograms = label_histograms(labels, self.parts, self.rt.task.num_labels)
+        self.histograms = label_histograms(labels, self.parts, task.num_labels)
         specs = client_specs(cfg, self.parts)
+        self.rt = runtime or Runtime(cfg, task=task)
         bases = self.rt.adapted.base_weight_names() if self.method.shares_base else []
         init = self.rt.adapted.state([*self.rt.adapted.params, *bases])  # factors (+ W0 for exact baselines)
         factors = self.rt.adapted.factors
@@ -266,7 +270,16 @@ class Simulation:
                 "dp": self.cfg.privacy.enabled,
                 "reproducible_noise": self.cfg.privacy.reproducible_noise,
                 "sigma": [s.dp.noise_multiplier if s.dp else None for s in self.specs],
+                "user_level": self.user_level_ledger(0),
                 **({"client_majority_rate": self.client_majority_rate()} if self.shares else {})}
+
+    def user_level_ledger(self, rounds: int) -> dict[str, Any] | None:
+        """sigma_u, the client sampling rate and the user-level epsilon after ``rounds`` (None: off)."""
+        if self.user_dp is None:
+            return None
+        fed = self.cfg.federation
+        k = len(sample_clients(fed.num_clients, fed.clients_per_round, seed=self.cfg.train.seed, round=1))
+        return self.user_dp.ledger(rounds, planned_rounds=fed.rounds, clients_per_round=k)
 
     def client_majority_rate(self) -> float:
         """Yardstick for personal accuracy: each client predicts its own test share's majority label."""

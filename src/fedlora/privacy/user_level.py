@@ -10,6 +10,13 @@ aggregate then sees one privatised upload, ``global + noisy mean``: whatever it 
 is post-processing. For averaging aggregates (FedAvg of the uploaded tensors) the result is
 exactly Flower's: the mean of the clipped uploads plus noise.
 
+Server learning rate ``eta`` (``privacy.user_level.server_lr``, default 1): the privatised upload
+is ``global + eta * noisy mean`` (FedAvg with a server step size, Reddi et al. 2021). The noisy
+mean is released by the Gaussian mechanism before ``eta`` touches it, and ``eta`` is public
+(from the config), so scaling is post-processing: the guarantee and the accountant are
+unchanged. It exists because a small clip norm ``S`` (which keeps the noise ``sigma_u * S / K``
+small) also bounds each round's step; ``eta > 1`` restores the step without raising ``S``.
+
 Accounting: one Poisson-subsampled Gaussian step per round with rate ``q = K / N`` and noise
 multiplier ``sigma_u``, composed over rounds with the RDP accountant (see docs/privacy.md for
 the fixed-size sampling caveat). Adding or removing a client changes the clipped sum by at
@@ -69,6 +76,7 @@ class UserLevelDP:
     noise_multiplier: float  # sigma_u
     seed: int
     reproducible_noise: bool = False  # True: server noise seeded from the config (NOT private against its holders)
+    server_lr: float = 1.0  # eta: the noisy mean is scaled by it (post-processing)
 
     def __call__(self, ctx: PlanContext, plan: RoundPlan, global_state: State, uploads: list[State],
                  weights: list[float]) -> State:
@@ -81,7 +89,8 @@ class UserLevelDP:
         deltas = [clip_delta(upload_delta(u, global_state), self.clip_norm) for u in uploads]
         noise = noise_stream(self.reproducible_noise, self.seed, "server", "user-dp", ctx.round)
         mean = noisy_mean(deltas, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, noise=noise)
-        private = {k: (global_state[k].to(torch.float64) + mean[k].to(global_state[k].device)).to(global_state[k].dtype)
+        eta = self.server_lr
+        private = {k: (global_state[k].to(torch.float64) + eta * mean[k].to(global_state[k].device)).to(global_state[k].dtype)
                    for k in sorted(keys)}
         return self.inner(ctx, plan, global_state, [private], [1.0])
 
@@ -95,6 +104,7 @@ class UserLevelPlan:
     sample_rate: float  # clients per round / clients
     delta: float
     target_epsilon: float | None  # None when sigma_u was fixed by hand
+    server_lr: float = 1.0  # the noisy mean's scale before the method aggregates it (post-processing)
 
     def wrap(self, method: Method, *, seed: int, reproducible_noise: bool = False) -> Method:
         if method.side_uploads:  # refused when the run is built, before any data or model loads
@@ -103,9 +113,23 @@ class UserLevelPlan:
                 "model tensors, so they would escape the clipping and noise; set privacy.user_level.enabled=false "
                 "or pick another method"
             )
-        aggregate = UserLevelDP(method.aggregate, self.clip_norm, self.noise_multiplier, seed, reproducible_noise)
+        aggregate = UserLevelDP(method.aggregate, self.clip_norm, self.noise_multiplier, seed, reproducible_noise,
+                                self.server_lr)
         info = {**method.info, "user_level_dp": dataclasses.asdict(self)}
         return dataclasses.replace(method, aggregate=aggregate, info=info)
+
+    def ledger(self, rounds: int, *, planned_rounds: int | None = None, clients_per_round: int | None = None) -> dict:
+        """The public facts of the user-level guarantee after ``rounds`` aggregations (setup.json, summary.json)."""
+        out = {"sigma_u": self.noise_multiplier, "sample_rate": self.sample_rate, "clip_norm": self.clip_norm,
+               "server_lr": self.server_lr, "delta": self.delta, "accountant": ACCOUNTANT,
+               "target_epsilon": self.target_epsilon, "rounds": rounds, "epsilon": self.epsilon(rounds) if rounds else 0.0}
+        if clients_per_round is not None:
+            out["clients_per_round"] = clients_per_round
+            out["noise_std_on_mean"] = self.noise_multiplier * self.clip_norm / clients_per_round
+        if planned_rounds is not None:
+            out["planned_rounds"] = planned_rounds
+            out["planned_epsilon"] = self.epsilon(planned_rounds)
+        return out
 
     def epsilon(self, rounds: int) -> float:
         """User-level epsilon after ``rounds`` aggregations."""
@@ -113,11 +137,11 @@ class UserLevelPlan:
 
 
 def plan_user_level(*, clip_norm: float, target_epsilon: float, noise_multiplier: float | None, delta: float,
-                    clients_per_round: int, num_clients: int, rounds: int) -> UserLevelPlan:
+                    clients_per_round: int, num_clients: int, rounds: int, server_lr: float = 1.0) -> UserLevelPlan:
     """Calibrate sigma_u for all rounds (or take the fixed one)."""
     q = clients_per_round / num_clients
     if noise_multiplier is None:
         sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=rounds,
                                 accountant=ACCOUNTANT)
-        return UserLevelPlan(clip_norm, sigma, q, delta, target_epsilon)
-    return UserLevelPlan(clip_norm, noise_multiplier, q, delta, None)
+        return UserLevelPlan(clip_norm, sigma, q, delta, target_epsilon, server_lr)
+    return UserLevelPlan(clip_norm, noise_multiplier, q, delta, None, server_lr)
