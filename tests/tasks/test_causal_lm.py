@@ -240,7 +240,14 @@ def test_short_dp_run_lowers_held_out_loss_and_the_adapter_reloads_in_peft(lm_cf
         assert not torch.allclose(fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, want)
 
 
-@pytest.mark.parametrize("method", sorted(available_methods()))
+def test_head_only_is_refused_in_one_line_on_a_task_without_a_head(lm_cfg) -> None:
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trains only the head"):
+        Simulation(lm_cfg("gpt2", method={"name": "head-only"}, federation={"num_clients": 2, "rounds": 1}))
+
+
+@pytest.mark.parametrize("method", sorted(set(available_methods()) - {"head-only"}))
 def test_every_method_runs_one_round(lm_cfg, method: str) -> None:
     from fedlora.experiment import run_experiment
 
