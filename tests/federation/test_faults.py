@@ -98,3 +98,4 @@ def test_client_timeout_s_was_removed_with_a_reason(tiny_cfg):
 
     with pytest.raises((ConfigError, ValueError), match="client_timeout_s was removed"):
         tiny_cfg(federation={"client_timeout_s": 5.0})
+    assert tiny_cfg(federation={"client_timeout_s": None}).federation.num_clients == 3  # older config.yaml files load

@@ -233,3 +233,25 @@ def test_the_flower_runner_charges_every_train_message_it_sent(monkeypatch):
     assert out.answered == [0] and out.charged == {0: 4, 1: 4, 2: 4}  # the late and the failed client may have run
     assert {f["client"]: f["reason"] for f in out.failures} == {1: "no answer from its SuperNode", 2: "error reply: boom"}
     assert out.losses == []  # a DP client reports no loss
+
+
+def test_a_node_never_uploads_what_its_method_does_not_declare(tiny_cfg):
+    """Even a method whose upload seam returns a local-only tensor (FedSA's B) cannot make it leave."""
+    sim = _fedsa(tiny_cfg)
+    local_b = next(k for k in sim.local_keys if ".lora_B." in k)
+    leaky = dataclasses.replace(sim.method, upload=lambda plan, before, after, trace: {**after, local_b: after[local_b]})
+    sim.method = leaky
+    plan = sim.method.plan(sim.plan_context(1))
+    before = sim.nodes[0].state
+    with pytest.raises(Refused, match="will not upload"):
+        sim.nodes[0].train(plan, {k: sim.global_state[k] for k in plan.download})
+    assert sim.nodes[0].state is before  # nothing committed
+
+
+def test_loading_a_tensor_of_another_shape_is_refused_not_broadcast(tiny_cfg):
+    sim = _one_step_sim(tiny_cfg, reproducible=True)
+    key = next(k for k in sim.global_state if ".lora_A." in k)
+    before = sim.rt.adapted.named[key].detach().clone()
+    with pytest.raises(ValueError, match="shape"):
+        sim.rt.adapted.load({key: torch.ones(1)})
+    assert torch.equal(sim.rt.adapted.named[key], before)

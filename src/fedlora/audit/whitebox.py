@@ -144,7 +144,7 @@ def collect(cfg: ExperimentConfig, *, client: int | None = None) -> Collected:
         trainable = [adapted.params[k] for k in sorted(plan.trainable)]
         optimizer = _optimizer(trainable, cfg.train)
         gen = generator(seed, "client", spec.cid, rnd)
-        noise = spec.noise(seed, rnd, rt.device)
+        noise = spec.noise(seed, rnd)
         for step in range(cfg.federation.local_steps):
             active = sorted(method.schedule.active(plan, step))
             adapted.set_active(set(active))

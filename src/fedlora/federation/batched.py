@@ -115,7 +115,7 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
                            [k in heads for _ in values for k in trainable])  # per-parameter state
     meters = [signal_meter(rt) for _ in specs]
     gens = [generator(seed, "client", s.cid, plan.round) for s in specs]  # Poisson sampling, as run_client
-    noises = [s.noise(seed, plan.round, rt.device) for s in specs]
+    noises = [s.noise(seed, plan.round) for s in specs]
     batched = _Batched(rt, values)
     adapted.model.train()
     last: list[State] = [{} for _ in specs]

@@ -46,12 +46,11 @@ class ClientSpec:
         """The seed parts of this client's round (attempt 0 is the first try; a retry draws new batches)."""
         return (seed, "client", self.cid, rnd, *((("attempt", attempt),) if attempt else ()))
 
-    def noise(self, seed: int, rnd: int, device: torch.device | str = "cpu", attempt: int = 0) -> NoiseSource:
+    def noise(self, seed: int, rnd: int, attempt: int = 0) -> NoiseSource:
         """The DP noise of this client's round: secure randomness unless reproducible noise was asked for.
 
-        A reproducible stream is drawn on the CPU whatever ``device`` is (each draw then moves to
-        the tensor's device), so a seeded run gives the same noise on cuda and on cpu."""
-        del device  # the stream's draws land on each tensor's device (privacy/noise.py)
+        A reproducible stream is drawn on the CPU whatever the model's device (each draw then moves to
+        the tensor's device, privacy/noise.py), so a seeded run gives the same noise on cuda and on cpu."""
         return noise_stream(self.reproducible_noise, *self.stream(seed, rnd, attempt))
 
     @property
@@ -196,7 +195,7 @@ def run_client(
     optimizer = _optimizer(trainable, rt.cfg.train, [k in heads for k in sorted(plan.trainable)])  # fresh every round
     stream = spec.stream(seed, plan.round, attempt)
     gen = generator(*stream)  # Poisson sampling (CPU stream)
-    noise = spec.noise(seed, plan.round, rt.device, attempt)
+    noise = spec.noise(seed, plan.round, attempt)
     last: State = {}
     losses: list[torch.Tensor] = []  # device scalars, without DP only: one host sync per round
     examples = 0

@@ -101,6 +101,26 @@ def user_level_for(cfg: ExperimentConfig) -> UserLevelPlan | None:
                            server_lr=ul.server_lr)
 
 
+def method_and_user_dp(cfg: ExperimentConfig) -> tuple[Method, UserLevelPlan | None]:
+    """The run's method, wrapped by user-level DP (which privatises every upload before the method
+    aggregates) when that is on, and the user-level plan (None: off)."""
+    method, user_dp = build_method_for(cfg), user_level_for(cfg)
+    if user_dp is not None:
+        method = user_dp.wrap(method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise)
+    return method, user_dp
+
+
+def initial_states(rt: Runtime, method: Method) -> tuple[frozenset[str], State, State]:
+    """(local keys, their initial values, the initial global state) from the model's initialisation:
+    every adapter tensor (+ W0 of adapted modules for methods that share it), split by the method's
+    local roles (public: the same on every party, from the seed)."""
+    bases = rt.adapted.base_weight_names() if method.shares_base else []
+    init = rt.adapted.state([*rt.adapted.params, *bases])
+    local_keys = frozenset(f.name for f in rt.adapted.factors if f.role in method.local_roles)
+    return (local_keys, {k: init[k] for k in sorted(local_keys)},
+            {k: v for k, v in init.items() if k not in local_keys})
+
+
 class InProcessClients:
     """The in-process runner: every :class:`ClientNode` in this process, run one after another
     (with drops and retries, ``federation/faults.py``) or K per pass (``federation/batched.py``)."""
@@ -134,10 +154,7 @@ class Simulation:
         """``extra_rows``: training-set rows added to a client's data after partitioning (audit canaries);
         ``held_out_rows``: rows no client gets. Both are left out of the partition."""
         self.cfg = cfg
-        self.method = build_method_for(cfg)
-        self.user_dp = user_level_for(cfg)
-        if self.user_dp is not None:  # privatise every upload before the method aggregates
-            self.method = self.user_dp.wrap(self.method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise)
+        self.method, self.user_dp = method_and_user_dp(cfg)
         # Fail fast: everything that depends on the data only (partition, client sizes, sigma calibration)
         # is done before the model loads and the frozen prefix is cached (seconds to minutes).
         task = runtime.task if runtime is not None else build_task(cfg.task, cfg.train.seed)
@@ -152,12 +169,7 @@ class Simulation:
         self.histograms = label_histograms(labels, self.parts, task.num_labels)
         specs = client_specs(cfg, self.parts)
         self.rt = runtime or Runtime(cfg, task=task)
-        bases = self.rt.adapted.base_weight_names() if self.method.shares_base else []
-        init = self.rt.adapted.state([*self.rt.adapted.params, *bases])  # factors (+ W0 for exact baselines)
-        factors = self.rt.adapted.factors
-        self.local_keys = frozenset(f.name for f in factors if f.role in self.method.local_roles)
-        self.init_local = {k: init[k] for k in sorted(self.local_keys)}
-        global_state: State = {k: v for k, v in init.items() if k not in self.local_keys}
+        self.local_keys, self.init_local, global_state = initial_states(self.rt, self.method)
         self.nodes = [ClientNode(self.rt, self.method, spec, self.init_local, downloadable=global_state,
                                  local_steps=fed.local_steps, seed=cfg.train.seed) for spec in specs]
         self.shares = split_test_set(self.rt.task.test.labels, self.histograms, cfg.train.seed) if self.local_keys else []

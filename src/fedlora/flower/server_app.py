@@ -21,7 +21,7 @@ from fedlora.errors import ClientsFailed, FedloraError
 from fedlora.experiment import summary_line
 from fedlora.federation.runtime import Runtime
 from fedlora.federation.server import ClientFacts, RoundOutcome, Server
-from fedlora.federation.simulation import build_method_for, save_global_adapter, user_level_for
+from fedlora.federation.simulation import initial_states, method_and_user_dp, save_global_adapter
 from fedlora.flower.messages import config_from_run, from_record, plan_to_config, to_record
 from fedlora.methods.base import RoundPlan, State
 from fedlora.report.rundir import RunDir
@@ -138,19 +138,13 @@ class FlowerServer:
                  round_timeout: float = 600.0, node_wait: float = 120.0) -> None:
         cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_clients": min_clients})})
         self.cfg = cfg
-        self.method = build_method_for(cfg)
-        self.user_dp = user_level_for(cfg)
-        if self.user_dp is not None:
-            self.method = self.user_dp.wrap(self.method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise)
+        self.method, self.user_dp = method_and_user_dp(cfg)
         self.rt = Runtime(cfg, task=build_task(cfg.task, cfg.train.seed, train=False))  # the test split only
-        bases = self.rt.adapted.base_weight_names() if self.method.shares_base else []
-        init = self.rt.adapted.state([*self.rt.adapted.params, *bases])
-        local_keys = frozenset(f.name for f in self.rt.adapted.factors if f.role in self.method.local_roles)
-        self.init_local = {k: init[k] for k in sorted(local_keys)}
+        local_keys, self.init_local, global_state = initial_states(self.rt, self.method)
         self.nodes = find_nodes(grid, cfg.federation.num_clients, node_wait, min_clients)
         facts = ask_facts(grid, self.nodes, cfg.federation.num_clients, node_wait)
         self.runner = FlowerClients(grid, self.nodes, facts, cfg.federation.local_steps, round_timeout)
-        self.server = Server(cfg, self.method, self.rt, facts, {k: v for k, v in init.items() if k not in local_keys},
+        self.server = Server(cfg, self.method, self.rt, facts, global_state,
                              local_keys=local_keys, init_local=self.init_local, user_dp=self.user_dp, runner=self.runner)
         self.server.run_dir = run_dir
         self.server.checkpoint = self.checkpoint
