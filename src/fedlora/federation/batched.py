@@ -34,6 +34,7 @@ from fedlora.federation.client import (
     dp_step_options,
     head_names,
     poisson_batch,
+    round_lr_scale,
     signal_meter,
 )
 from fedlora.federation.faults import finite
@@ -112,7 +113,8 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
     before = [{k: v[k].detach().clone() for k in trainable} for v in values]
     heads = head_names(rt)
     optimizer = _optimizer([v[k] for v in values for k in trainable], rt.cfg.train,
-                           [k in heads for _ in values for k in trainable])  # per-parameter state
+                           [k in heads for _ in values for k in trainable],  # per-parameter state
+                           round_lr_scale(rt.cfg.train, plan.round, rt.cfg.federation.rounds))
     meters = [signal_meter(rt) for _ in specs]
     gens = [generator(seed, "client", s.cid, plan.round) for s in specs]  # Poisson sampling, as run_client
     noises = [s.noise(seed, plan.round) for s in specs]

@@ -16,6 +16,8 @@ leaves: no training loss, no realised batch sizes (docs/privacy.md lists what is
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,19 +78,31 @@ class ClientResult:
     signal: dict[str, float] | None = None  # eval.signal_diagnostics (federation/signal.py); None when off
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg, head: list[bool] | None = None) -> torch.optim.Optimizer:
+def round_lr_scale(cfg, round_: int, rounds: int) -> float:
+    """The factor ``train.lr_schedule`` puts on every learning rate in round ``round_`` (1-based)
+    of ``rounds``: 1 when constant; cosine from 1 in round 1 to ``lr_final_fraction`` in the last."""
+    if cfg.lr_schedule == "constant" or rounds <= 1:
+        return 1.0
+    progress = min(max(round_ - 1, 0), rounds - 1) / (rounds - 1)
+    return cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg, head: list[bool] | None = None,
+               scale: float = 1.0) -> torch.optim.Optimizer:
     """The local optimizer; with ``train.head_lr`` the head's tensors (``head``: one flag per
-    parameter) form a second parameter group at that rate (post-processing: no privacy cost)."""
+    parameter) form a second parameter group at that rate (post-processing: no privacy cost).
+    ``scale``: this round's factor on every rate (:func:`round_lr_scale`)."""
+    lr = cfg.lr * scale
     groups: list | list[dict] = params
     if cfg.head_lr is not None and head is not None and any(head):
         rest = [p for p, h in zip(params, head, strict=True) if not h]
         heads = [p for p, h in zip(params, head, strict=True) if h]
-        groups = ([{"params": rest}] if rest else []) + [{"params": heads, "lr": cfg.head_lr}]
+        groups = ([{"params": rest}] if rest else []) + [{"params": heads, "lr": cfg.head_lr * scale}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def head_names(rt: Runtime) -> frozenset[str]:
@@ -192,7 +206,8 @@ def run_client(
     before = adapted.state(sorted(plan.trainable))
     trainable = [adapted.params[k] for k in sorted(plan.trainable)]
     heads = head_names(rt)
-    optimizer = _optimizer(trainable, rt.cfg.train, [k in heads for k in sorted(plan.trainable)])  # fresh every round
+    scale = round_lr_scale(rt.cfg.train, plan.round, rt.cfg.federation.rounds)
+    optimizer = _optimizer(trainable, rt.cfg.train, [k in heads for k in sorted(plan.trainable)], scale)  # fresh every round
     stream = spec.stream(seed, plan.round, attempt)
     gen = generator(*stream)  # Poisson sampling (CPU stream)
     noise = spec.noise(seed, plan.round, attempt)
