@@ -128,8 +128,24 @@ def test_method_defaults_set_adapter_needs(cfg_file: Path, tmp_path: Path) -> No
     assert not (tmp_path / "x").exists()  # planning writes nothing
 
 
+def test_composed_methods_are_grid_rows(cfg_file: Path, tmp_path: Path) -> None:
+    """``NAME+KIND=SEAM`` in --methods sets the seams, and the run names the method the same way."""
+    from fedlora.federation.simulation import build_method_for
+
+    grid = plan_grid(cfg_file, methods="la-lora+aggregate=fedex,dp-lora", epsilons="3", seeds=1, out=str(tmp_path),
+                     name="x", no_dp_reference=True)
+    cfgs = {cell.method: cfg for cell, cfg in grid.cells}
+    assert (cfgs["la-lora+aggregate=fedex"].method.name, cfgs["la-lora+aggregate=fedex"].method.aggregate) == ("la-lora", "fedex")
+    assert cfgs["dp-lora"].method.aggregate is None
+    assert build_method_for(cfgs["la-lora+aggregate=fedex"]).name == "la-lora+aggregate=fedex"
+
+
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--methods", "dp-lora,fedsa-lorax"], "unknown method 'fedsa-lorax'"),
+    (["--methods", "la-lora+aggregate"], "must be +KIND=SEAM"),
+    (["--methods", "la-lora+scheme=fedex"], "must be +KIND=SEAM"),
+    (["--methods", "la-lora+aggregate=fedexx"], "unknown method.aggregate 'fedexx'"),
+    (["--methods", "ffa-lora+schedule=alternate-steps"], "needs"),
     (["--epsilons", "1,0"], "--epsilons"),
     (["--epsilons", "-3"], "--epsilons"),
     (["--epsilons", "a"], "--epsilons"),

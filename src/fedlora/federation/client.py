@@ -17,7 +17,6 @@ leaves: no training loss, no realised batch sizes (docs/privacy.md lists what is
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -41,6 +41,8 @@ class Cell:
 
 
 def parse_methods(text: str | None) -> list[str]:
+    """Registered method names, or composed ones written as the outputs name them:
+    ``NAME+KIND=SEAM[+KIND=SEAM...]`` (e.g. ``la-lora+aggregate=fedex``; methods/compose.py)."""
     from fedlora.methods import available_methods  # noqa: PLC0415
 
     known = list(available_methods())
@@ -48,11 +50,26 @@ def parse_methods(text: str | None) -> list[str]:
     if not names:
         raise ConfigError("--methods is empty; pass names such as dp-lora,ffa-lora (see `fedlora methods`)")
     for m in names:
-        if m not in known:
-            close = difflib.get_close_matches(m, known, n=1)
+        base = method_overrides(m)["method.name"]
+        if base not in known:
+            close = difflib.get_close_matches(base, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown method '{m}' in --methods{hint}; see `fedlora methods`")
+            raise ConfigError(f"unknown method '{base}' in --methods{hint}; see `fedlora methods`")
     return list(dict.fromkeys(names))
+
+
+def method_overrides(label: str) -> dict[str, str]:
+    """The config overrides a --methods entry stands for: ``method.name`` and each ``+KIND=SEAM``."""
+    from fedlora.methods.compose import KINDS  # noqa: PLC0415
+
+    base, *parts = label.split("+")
+    out = {"method.name": base}
+    for part in parts:
+        kind, eq, seam = part.partition("=")
+        if not eq or kind not in KINDS or not seam:
+            raise ConfigError(f"'{label}' in --methods: '+{part}' must be +KIND=SEAM with KIND one of {', '.join(KINDS)}")
+        out[f"method.{kind}"] = seam
+    return out
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -92,13 +109,15 @@ def plan_grid(config: str | Path | None, *, methods: str | None, epsilons: str, 
             for e in levels:
                 cell = Cell(method, e, seed)
                 privacy = {"privacy.enabled": False} if e is None else {"privacy.epsilon": e}
-                cfg = build_config(copy.deepcopy(tree), {**METHOD_DEFAULTS.get(method, {}), **overrides, "method.name": method,
+                seams = method_overrides(method)
+                cfg = build_config(copy.deepcopy(tree), {**METHOD_DEFAULTS.get(seams["method.name"], {}), **overrides, **seams,
                                           "train.seed": seed, **privacy, "output.root": str(root),
                                           "output.name": cell.name})
                 build_method_for(cfg)  # method-specific refusals, before anything is written
                 cells.append((cell, cfg))
     spec = {"methods": names, "epsilons": eps, "seeds": seeds, "dp_reference_runs": not no_dp_reference,
-            "overrides": overrides, "method_defaults": {m: METHOD_DEFAULTS[m] for m in names if m in METHOD_DEFAULTS},
+            "overrides": overrides, "method_defaults": {m: METHOD_DEFAULTS[b] for m in names
+                                if (b := method_overrides(m)["method.name"]) in METHOD_DEFAULTS},
             "base": tree}
     return Grid(root, spec, cells)
 
