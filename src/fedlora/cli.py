@@ -154,7 +154,8 @@ def compare(
     set_: SetOpt = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: all registered)")] = None,
     epsilons: Annotated[str, typer.Option(help="comma-separated target epsilons, each > 0")] = "1,3,6",
-    seeds: Annotated[int, typer.Option(help="seeds 0..n-1 per cell")] = 3,
+    seeds: Annotated[int, typer.Option(help="seeds per cell: first-seed .. first-seed + n - 1")] = 3,
+    first_seed: Annotated[int, typer.Option(help="the first seed (e.g. fresh seeds to confirm a choice made on others)")] = 0,
     out: Annotated[str | None, typer.Option(help="folder that holds the compare directory")] = None,
     name: Annotated[str | None, typer.Option(help="compare directory name; rerun with the same name to resume")] = None,
     no_dp_reference: Annotated[bool, typer.Option("--no-dp-reference", help="skip the non-private run per method")] = False,
@@ -168,7 +169,7 @@ def compare(
     from fedlora.report.compare import plan_grid, run_compare  # noqa: PLC0415
 
     grid = plan_grid(config, methods=methods, epsilons=epsilons, seeds=seeds, overrides=_overrides(set_ or [], {}),
-                     out=out, name=name, no_dp_reference=no_dp_reference)
+                     out=out, name=name, no_dp_reference=no_dp_reference, first_seed=first_seed)
     quiet_libraries()
     result = run_compare(grid, progress=not quiet, workers=workers, baseline=baseline)
     typer.echo(result["markdown"])

@@ -128,6 +128,14 @@ def test_method_defaults_set_adapter_needs(cfg_file: Path, tmp_path: Path) -> No
     assert not (tmp_path / "x").exists()  # planning writes nothing
 
 
+def test_first_seed_shifts_the_seeds(cfg_file: Path, tmp_path: Path) -> None:
+    grid = plan_grid(cfg_file, methods="dp-lora", epsilons="3", seeds=2, out=str(tmp_path), name="x",
+                     no_dp_reference=True, first_seed=5)
+    assert [(cell.seed, cfg.train.seed) for cell, cfg in grid.cells] == [(5, 5), (6, 6)]
+    assert grid.spec["first_seed"] == 5
+    assert "first_seed" not in plan_grid(cfg_file, methods="dp-lora", epsilons="3", seeds=1, out=str(tmp_path)).spec
+
+
 def test_composed_methods_are_grid_rows(cfg_file: Path, tmp_path: Path) -> None:
     """``NAME+KIND=SEAM`` in --methods sets the seams, and the run names the method the same way."""
     from fedlora.federation.simulation import build_method_for
@@ -150,6 +158,7 @@ def test_composed_methods_are_grid_rows(cfg_file: Path, tmp_path: Path) -> None:
     (["--epsilons", "-3"], "--epsilons"),
     (["--epsilons", "a"], "--epsilons"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--first-seed", "-1"], "--first-seed must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(cfg_file: Path, tmp_path: Path, flags, fragment) -> None:
     result = runner.invoke(app, ["compare", str(cfg_file), *flags, "--out", str(tmp_path / "cmp"), "--name", "n"])

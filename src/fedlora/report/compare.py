@@ -91,20 +91,22 @@ class Grid:
 
 def plan_grid(config: str | Path | None, *, methods: str | None, epsilons: str, seeds: int,
               overrides: dict[str, Any] | None = None, out: str | None = None, name: str | None = None,
-              no_dp_reference: bool = False) -> Grid:
+              no_dp_reference: bool = False, first_seed: int = 0) -> Grid:
     """Validate everything and build every cell's config; nothing is written."""
     from fedlora.federation.simulation import build_method_for  # noqa: PLC0415
 
     names, eps = parse_methods(methods), parse_epsilons(epsilons)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1 (got {seeds}); seeds 0..n-1 are run")
+    if first_seed < 0:
+        raise ConfigError(f"--first-seed must be >= 0 (got {first_seed})")
     overrides = dict(overrides or {})
     base = load_config(config, overrides)
     tree = base.model_dump(mode="json")
     root = Path(out or base.output.root) / (name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     levels: list[float | None] = [*eps, *([None] if not no_dp_reference else [])]
     cells = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for method in names:
             for e in levels:
                 cell = Cell(method, e, seed)
@@ -115,7 +117,8 @@ def plan_grid(config: str | Path | None, *, methods: str | None, epsilons: str, 
                                           "output.name": cell.name})
                 build_method_for(cfg)  # method-specific refusals, before anything is written
                 cells.append((cell, cfg))
-    spec = {"methods": names, "epsilons": eps, "seeds": seeds, "dp_reference_runs": not no_dp_reference,
+    spec = {"methods": names, "epsilons": eps, "seeds": seeds, **({"first_seed": first_seed} if first_seed else {}),
+            "dp_reference_runs": not no_dp_reference,
             "overrides": overrides, "method_defaults": {m: METHOD_DEFAULTS[b] for m in names
                                 if (b := method_overrides(m)["method.name"]) in METHOD_DEFAULTS},
             "base": tree}
