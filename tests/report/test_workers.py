@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,52 @@ def test_workers_below_one_are_refused_before_anything_is_written(tiny_model_dir
     with pytest.raises(ConfigError, match="--workers must be >= 1"):
         run_compare(grid, progress=False, workers=0)
     assert not grid.root.exists()
+
+
+def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
+    """SIGKILL the parent of a pool (no cleanup runs): its worker does not live on as an orphan."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    pid_file = tmp_path / "worker.pid"
+    script = textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from fedlora.report.workers import exit_with_parent
+
+        def init():
+            exit_with_parent(0.1)
+
+        def work(path):
+            open(path, "w").write(str(os.getpid()))
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            pool = multiprocessing.get_context("spawn").Pool(1, initializer=init)
+            pool.apply_async(work, ({str(pid_file)!r},))
+            time.sleep(60)
+    """)
+    import fedlora
+
+    env = {**os.environ, "PYTHONPATH": str(Path(fedlora.__file__).parents[1])}
+    (tmp_path / "pool_parent.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, "pool_parent.py"], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{worker}/status")
+        try:
+            if not status.is_file() or "\tZ" in status.read_text().split("State:")[1].splitlines()[0]:
+                return  # gone, or a zombie waiting for init to reap it
+        except (OSError, IndexError):
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived its killed parent by 10 s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,27 @@ def shards(configs: list[ExperimentConfig], workers: int) -> list[list[Experimen
     return [s for s in (configs[i::workers] for i in range(workers)) if s]
 
 
+def exit_with_parent(interval_s: float = 1.0) -> threading.Thread:
+    """Stop this process when its parent is gone (killed by a signal that ran no cleanup): a
+    daemon thread watches the parent's pid, so no orphaned worker keeps a core busy."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _init_worker(threads: int) -> None:
     import torch  # noqa: PLC0415
 
     from fedlora.console import quiet_libraries  # noqa: PLC0415
 
+    exit_with_parent()
     quiet_libraries()  # as in the parent: no library progress bars or warnings
     torch.set_num_threads(threads)  # a run with train.threads set overrides this in Runtime
 
