@@ -188,7 +188,8 @@ class TrainConfig(_Section):
     head_lr: float | None = Field(None, gt=0, description="learning rate of the head (default: lr, as the factors)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="learning rates across rounds: constant, or cosine from lr in round 1 down to "
-        "lr x lr_final_fraction in the last round (post-processing: no privacy cost)")
+        "lr x lr_final_fraction in the last round; the same factor scales head_lr and the user-level server_lr "
+        "(post-processing: no privacy cost)")
     lr_final_fraction: float = Field(0.1, ge=0, le=1, description="cosine schedule: the last round's rate / lr")
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0

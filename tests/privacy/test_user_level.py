@@ -146,6 +146,20 @@ def test_server_lr_scales_the_released_noisy_mean_and_leaves_the_accounting_alon
     assert b.wrap(build_method_for(ExperimentConfig()), seed=0).aggregate.server_lr == 5.0
 
 
+def test_a_cosine_schedule_scales_the_server_lr_by_round():
+    """train.lr_schedule=cosine: eta x the round's factor (1 in round 1, the final fraction in the last)."""
+    glob = _global()
+    uploads = _uploads(glob, ["A", "head"], 3, scale=2.0)
+    kw = {"clip_norm": 0.5, "noise_multiplier": 1.0, "seed": 4, "reproducible_noise": True, "server_lr": 2.0}
+    plain = UserLevelDP(MeanOfUploads(), **kw)
+    cosine = UserLevelDP(MeanOfUploads(), **kw, lr_schedule="cosine", lr_final_fraction=0.25)
+    for rnd, factor in ((1, 1.0), (5, 0.25)):
+        ctx = PlanContext(round=rnd, rounds=5, factors=[], global_keys=[], local_keys=frozenset(), memory={}, seed=0)
+        ref, got = plain(ctx, PLAN, glob, uploads, [1 / 3] * 3), cosine(ctx, PLAN, glob, uploads, [1 / 3] * 3)
+        for n in ("A", "head"):
+            assert torch.allclose(got[n].double() - glob[n].double(), factor * (ref[n].double() - glob[n].double()), atol=1e-5)
+
+
 def test_the_shipped_user_level_config_is_cross_device_and_within_epsilon_8():
     from pathlib import Path
 

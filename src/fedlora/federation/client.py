@@ -16,7 +16,6 @@ leaves: no training loss, no realised batch sizes (docs/privacy.md lists what is
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +28,7 @@ from fedlora.federation.signal import SignalMeter, signal_groups
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
 from fedlora.privacy.dpsgd import DPParams, privatize, sum_by_record
 from fedlora.privacy.noise import NoiseSource, noise_stream
+from fedlora.schedule import round_scale
 from fedlora.seeds import generator, seeded_torch
 
 
@@ -78,12 +78,9 @@ class ClientResult:
 
 
 def round_lr_scale(cfg, round_: int, rounds: int) -> float:
-    """The factor ``train.lr_schedule`` puts on every learning rate in round ``round_`` (1-based)
-    of ``rounds``: 1 when constant; cosine from 1 in round 1 to ``lr_final_fraction`` in the last."""
-    if cfg.lr_schedule == "constant" or rounds <= 1:
-        return 1.0
-    progress = min(max(round_ - 1, 0), rounds - 1) / (rounds - 1)
-    return cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    """The factor ``train.lr_schedule`` (``cfg``: the train section) puts on every local learning
+    rate in round ``round_`` (1-based) of ``rounds`` (fedlora/schedule.py)."""
+    return round_scale(cfg.lr_schedule, round_, rounds, cfg.lr_final_fraction)
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg, head: list[bool] | None = None,

@@ -106,7 +106,8 @@ def method_and_user_dp(cfg: ExperimentConfig) -> tuple[Method, UserLevelPlan | N
     aggregates) when that is on, and the user-level plan (None: off)."""
     method, user_dp = build_method_for(cfg), user_level_for(cfg)
     if user_dp is not None:
-        method = user_dp.wrap(method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise)
+        method = user_dp.wrap(method, seed=cfg.train.seed, reproducible_noise=cfg.privacy.reproducible_noise,
+                              lr_schedule=cfg.train.lr_schedule, lr_final_fraction=cfg.train.lr_final_fraction)
     return method, user_dp
 
 

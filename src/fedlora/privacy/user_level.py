@@ -34,6 +34,7 @@ from fedlora.errors import ConfigError
 from fedlora.methods.base import Aggregate, Method, PlanContext, RoundPlan, State
 from fedlora.privacy.accounting import calibrate_noise, epsilon
 from fedlora.privacy.noise import NoiseSource, noise_stream
+from fedlora.schedule import round_scale
 
 ACCOUNTANT = "rdp"  # q = 1 (every client, every round) is routine here, where PRV is fragile
 
@@ -77,6 +78,8 @@ class UserLevelDP:
     seed: int
     reproducible_noise: bool = False  # True: server noise seeded from the config (NOT private against its holders)
     server_lr: float = 1.0  # eta: the noisy mean is scaled by it (post-processing)
+    lr_schedule: str = "constant"  # train.lr_schedule: eta x its factor in each round (public: post-processing)
+    lr_final_fraction: float = 0.1
 
     def __call__(self, ctx: PlanContext, plan: RoundPlan, global_state: State, uploads: list[State],
                  weights: list[float]) -> State:
@@ -89,7 +92,7 @@ class UserLevelDP:
         deltas = [clip_delta(upload_delta(u, global_state), self.clip_norm) for u in uploads]
         noise = noise_stream(self.reproducible_noise, self.seed, "server", "user-dp", ctx.round)
         mean = noisy_mean(deltas, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, noise=noise)
-        eta = self.server_lr
+        eta = self.server_lr * round_scale(self.lr_schedule, ctx.round, ctx.rounds, self.lr_final_fraction)
         private = {k: (global_state[k].to(torch.float64) + eta * mean[k].to(global_state[k].device)).to(global_state[k].dtype)
                    for k in sorted(keys)}
         return self.inner(ctx, plan, global_state, [private], [1.0])
@@ -106,7 +109,8 @@ class UserLevelPlan:
     target_epsilon: float | None  # None when sigma_u was fixed by hand
     server_lr: float = 1.0  # the noisy mean's scale before the method aggregates it (post-processing)
 
-    def wrap(self, method: Method, *, seed: int, reproducible_noise: bool = False) -> Method:
+    def wrap(self, method: Method, *, seed: int, reproducible_noise: bool = False, lr_schedule: str = "constant",
+             lr_final_fraction: float = 0.1) -> Method:
         if method.side_uploads:  # refused when the run is built, before any data or model loads
             raise ConfigError(
                 f"user-level DP cannot wrap '{method.name}': it uploads '{method.side_uploads[0]}*' values that are not "
@@ -114,7 +118,7 @@ class UserLevelPlan:
                 "or pick another method"
             )
         aggregate = UserLevelDP(method.aggregate, self.clip_norm, self.noise_multiplier, seed, reproducible_noise,
-                                self.server_lr)
+                                self.server_lr, lr_schedule, lr_final_fraction)
         info = {**method.info, "user_level_dp": dataclasses.asdict(self)}
         return dataclasses.replace(method, aggregate=aggregate, info=info)
 
