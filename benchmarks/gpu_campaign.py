@@ -13,7 +13,9 @@ Sections (each writes into DIR/campaign.json and one table of DIR/campaign.md):
   dp_step      DP step / non-private step on a RoBERTa-base-sized encoder (random init from a
                BertConfig: hidden 768, 12 layers, 12 heads, batch 32 x 128 tokens, LoRA r 8 on
                query/value of every layer, + head), fp32 and bf16, fedlora's fused DP step with
-               secure and with seeded noise, and Opacus's hook-based step when opacus imports
+               secure and with seeded noise, the same step under train.compile (its compile
+               warm-up timed apart, excluded from the medians), and Opacus's hook-based step when
+               opacus imports
   batched      K = 16 clients in one batched pass vs one after another (clients/s, speed-up,
                uploads equal), and the model-FLOP utilisation of the batched DP pass (FLOPs counted
                by torch.utils.flop_counter over the same pass, against the device's dense bf16 peak)
@@ -308,6 +310,8 @@ def dp_step(ctx: argparse.Namespace) -> dict[str, Any]:
             "train.threads": 1 if ctx.smoke else None}
     cfgs = {p: config(ctx.encoder_dir, ctx.encoder_data, ctx.work / "dp", {**over, "train.precision": p})
             for p in ctx.precisions}
+    compiled_cfgs = {p: config(ctx.encoder_dir, ctx.encoder_data, ctx.work / "dp",
+                               {**over, "train.precision": p, "train.compile": True}) for p in ctx.precisions}
     rt = Runtime(cfgs[ctx.precisions[0]])
     n, batch = len(rt.task.train), size["batch"]
     rows = np.random.default_rng(0).choice(n, size=batch, replace=False)
@@ -322,13 +326,30 @@ def dp_step(ctx: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": f"BERT-style encoder, random init: hidden {size['hidden']}, {size['layers']} layers, "
                                     f"{size['heads']} heads; LoRA r 8 on query/value of every layer + head",
                            "batch": batch, "tokens": sorted(widths),
-                           "trainable_values": sum(p.numel() for p in rt.adapted.params.values()), "rows": []}
+                           "trainable_values": sum(p.numel() for p in rt.adapted.params.values()), "rows": [],
+                           "compile": {"what": "train.compile: the per-example gradient einsums and the clip + weighted "
+                                               "sum (privacy/compiled.py); forward, backward and noise stay eager",
+                                       "warmup_s": {}, "fell_back": {}}}
     for precision in ctx.precisions:
         rt.cfg = cfgs[precision]  # the autocast context follows train.precision
+
+        def compiled(precision=precision):  # the same step under train.compile (rt.kernels follows rt.cfg)
+            rt.cfg = compiled_cfgs[precision]
+            try:
+                return local_gradients(rt, private, rows, active, secure)
+            finally:
+                rt.cfg = cfgs[precision]
+
+        sync(ctx.device)
+        t = time.perf_counter()
+        compiled()  # the compile warm-up: timed here, excluded from the interleaved medians
+        sync(ctx.device)
+        out["compile"]["warmup_s"][precision] = time.perf_counter() - t
         variants = {
             "non-private": lambda: local_gradients(rt, plain, rows, active, secure),
             "dp fused, secure noise": lambda: local_gradients(rt, private, rows, active, secure),
             "dp fused, seeded noise": lambda: local_gradients(rt, private, rows, active, seeded),
+            "dp fused, compiled, secure noise": compiled,
         }
         gsm = None
         try:
@@ -357,6 +378,11 @@ def dp_step(ctx: argparse.Namespace) -> dict[str, Any]:
         base = times["non-private"]
         for k, t in times.items():
             out["rows"].append({"precision": precision, "variant": k, "ms": 1000 * t, "ratio": t / base})
+        out["compile"]["speedup"] = {**out["compile"].get("speedup", {}),
+                                     precision: times["dp fused, secure noise"] / times["dp fused, compiled, secure noise"]}
+        rt.cfg = compiled_cfgs[precision]
+        out["compile"]["fell_back"].update(rt.kernels.failed if rt.kernels is not None else {})
+        rt.cfg = cfgs[precision]
         if opacus_note:
             out["rows"].append({"precision": precision, "variant": "opacus hooks", "note": opacus_note})
         print(f"[dp_step] {precision}: " + ", ".join(f"{k} {1000 * t:.1f} ms" for k, t in times.items()), flush=True)
@@ -490,6 +516,14 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {r['precision']} | {r['variant']} | {r['note']} | |")
             else:
                 lines.append(f"| {r['precision']} | {r['variant']} | {r['ms']:.1f} | {r['ratio']:.3f} |")
+        comp = d.get("compile")
+        if comp:
+            fell = "; ".join(f"{k}: {v}" for k, v in comp["fell_back"].items()) or "none"
+            lines += ["", f"{comp['what']}. Eager / compiled DP step: "
+                      + ", ".join(f"{p} {x:.3f}x" for p, x in comp.get("speedup", {}).items())
+                      + "; compile warm-up (first compiled step, excluded from the medians): "
+                      + ", ".join(f"{p} {x:.1f} s" for p, x in comp["warmup_s"].items())
+                      + f"; fell back to eager: {fell}"]
         lines.append("")
     b = result.get("batched")
     if b:

@@ -30,10 +30,13 @@ def test_gpu_campaign_smoke_runs_every_section(tmp_path: Path) -> None:
     assert sorted(r["method"] for r in rows) == sorted(available_methods())
     assert result["correctness"]["all_ok"], [r for r in rows if not r["ok"]]
     assert any(isinstance(r.get("device batched"), float) for r in rows)
-    # DP step vs non-private, fp32 and bf16, secure and seeded noise (and Opacus here, where it is installed)
+    # DP step vs non-private, fp32 and bf16, secure and seeded noise, compiled (and Opacus, where it is installed)
     variants = {(r["precision"], r["variant"]) for r in result["dp_step"]["rows"]}
     for p in ("fp32", "bf16"):
-        assert {(p, "non-private"), (p, "dp fused, secure noise"), (p, "dp fused, seeded noise")} <= variants
+        assert {(p, "non-private"), (p, "dp fused, secure noise"), (p, "dp fused, seeded noise"),
+                (p, "dp fused, compiled, secure noise")} <= variants
+    compiled = result["dp_step"]["compile"]  # train.compile: compiled here too (inductor, tiny sizes), none fell back
+    assert compiled["fell_back"] == {} and set(compiled["warmup_s"]) == set(compiled["speedup"]) == {"fp32", "bf16"}
     # batched vs sequential: equal uploads, FLOPs counted
     for r in result["batched"]["rows"]:
         assert r["uploads_max_rel_diff"] < 1e-5 and r["batched_flops"] > 0 and r["speedup"] > 0

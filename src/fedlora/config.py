@@ -198,6 +198,12 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="forward passes in fp32, or under bf16 autocast (LoRA factors, gradients, noise stay fp32)"
     )
+    compile: bool = Field(
+        False, description="torch.compile the pure tensor math of the fused DP step: the per-example gradient einsums "
+        "(linear layers, VeRA) and the clip + weighted sum per clipping group, with dynamic shapes; not the model's "
+        "forward/backward, not the noise draw (unchanged, so is the privacy guarantee). A function that fails to "
+        "compile runs eagerly with a warning (privacy/compiled.py)"
+    )
 
 
 class EvalConfig(_Section):

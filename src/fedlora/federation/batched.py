@@ -41,7 +41,7 @@ from fedlora.federation.faults import finite
 from fedlora.federation.server import RoundOutcome
 from fedlora.federation.signal import round_signal
 from fedlora.methods.base import ClientTrace, Method, RoundPlan, State
-from fedlora.privacy.dpsgd import linear_per_sample, privatize
+from fedlora.privacy.dpsgd import StepMath, linear_per_sample, privatize
 from fedlora.seeds import generator
 
 if TYPE_CHECKING:
@@ -87,8 +87,10 @@ class _Batched:
 
         return forward
 
-    def per_sample(self, losses: torch.Tensor, active: list[str]) -> State:
-        """Per-example gradients (rows, *shape) of the active tensors, all clients' rows."""
+    def per_sample(self, losses: torch.Tensor, active: list[str], kernels: StepMath | None = None) -> State:
+        """Per-example gradients (rows, *shape) of the active tensors, all clients' rows (``kernels``:
+        compiled einsums under train.compile)."""
+        linear = kernels.linear if kernels is not None else linear_per_sample
         grads = torch.autograd.grad(losses.sum(), [out for _, _, out in self.records], allow_unused=True)
         out: State = {}
         for ((w, b), x, o), g in zip(self.records, grads, strict=True):
@@ -96,7 +98,7 @@ class _Batched:
             for name, attr in ((w, "weight"), (b, "bias")):
                 if name in active:
                     dtype = self.values[0][name].dtype  # bf16 autocast records bf16 tensors: fp32 from here on
-                    piece = linear_per_sample(x.to(dtype), g.to(dtype), attr)
+                    piece = linear(x.to(dtype), g.to(dtype), attr)
                     out[name] = piece if name not in out else out[name] + piece
         self.records = []
         return out
@@ -136,7 +138,7 @@ def run_batched(rt: Runtime, method: Method, plan: RoundPlan, download: State, s
                     return task.loss(adapted.model, b)
 
             loss = batched.run(loss_fn, counts, set(active))
-            per_sample = batched.per_sample(loss, active)
+            per_sample = batched.per_sample(loss, active, rt.kernels)
             loss = loss.detach()
         else:
             per_sample = {k: torch.zeros((0, *values[0][k].shape), device=rt.device, dtype=values[0][k].dtype) for k in active}

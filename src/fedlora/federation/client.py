@@ -112,8 +112,11 @@ def clip_groups(rt: Runtime) -> dict[str, str]:
 
 def dp_step_options(rt: Runtime, spec: ClientSpec, signal: dict[str, float] | None) -> dict:
     """privatize's keyword options for this client: the group map under per-group clipping, the
-    exact signal's sink; none in the default flat step (whose call is exactly privatize(g, dp, noise))."""
+    exact signal's sink, the compiled clip + sum under train.compile; none in the default flat step (whose
+    call is exactly privatize(g, dp, noise))."""
     kw: dict = {}
+    if rt.kernels is not None:
+        kw["kernels"] = rt.kernels
     if spec.dp is not None and spec.dp.head_clip_fraction is not None:
         kw["groups"] = clip_groups(rt)
     if signal is not None:
@@ -163,7 +166,7 @@ def _local_gradients(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: li
             losses = task.loss(adapted.model, batch)  # (batch,)
         hooked = [k for k in active if k in rt.hooks.fused]
         torch.autograd.grad(losses.sum(), list(params.values()))  # fills the hooks
-        per_sample = rt.hooks.fused_grads(hooked)
+        per_sample = rt.hooks.fused_grads(hooked, rt.kernels)
     finally:
         rt.hooks.enabled = False
         rt.hooks.clear()

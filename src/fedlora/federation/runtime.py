@@ -7,6 +7,7 @@ import torch
 from fedlora.adapters import AdaptedModel, inject_adapters
 from fedlora.config import ExperimentConfig
 from fedlora.federation.precision import autocast
+from fedlora.privacy.compiled import StepKernels
 from fedlora.privacy.dpsgd import PerSampleGradients
 from fedlora.tasks import Task, build_task
 
@@ -38,6 +39,17 @@ class Runtime:
             with self.autocast():
                 self.task.cache_prefix(self.adapted.model, start, self.device)
         self.hooks = PerSampleGradients(self.adapted.params, self.adapted.model)
+        self._kernels: StepKernels | None = None
+
+    @property
+    def kernels(self) -> StepKernels | None:
+        """The compiled DP-step math under ``train.compile`` (read at each step: a pooled runtime
+        follows the run's config), else None: eager."""
+        if not self.cfg.train.compile:
+            return None
+        if self._kernels is None:
+            self._kernels = StepKernels()
+        return self._kernels
 
     def autocast(self):
         """The forward-pass context of ``train.precision`` on this runtime's device."""

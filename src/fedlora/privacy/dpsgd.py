@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -68,11 +69,10 @@ def linear_per_sample(x: torch.Tensor, g: torch.Tensor, attr: str) -> torch.Tens
     return torch.einsum("bto,bti->boi", g3, x3) if attr == "weight" else g3.sum(1)
 
 
-def vera_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor, role: str) -> torch.Tensor:
-    """Per-example gradient of a PEFT VeRA layer's ``lambda_b`` (batch, out) or ``lambda_d``
-    (batch, r) from its input ``x`` and output gradient ``g``. The layer adds
-    ``lambda_b * B (lambda_d * A x)`` with frozen shared A (r, in) and B (out, r), so with u = A x:
-    d/d lambda_b = sum over tokens of g * B (lambda_d * u), d/d lambda_d = sum of (B^T (lambda_b * g)) * u."""
+def vera_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A PEFT VeRA layer's input ``x3`` (batch, tokens, in), output gradient ``g3`` (batch, tokens, out),
+    frozen shared A (r, in) and B (out, r), and its vectors lambda_d (r,) and lambda_b (out,), in the
+    vectors' dtype, for :func:`vera_lambda_b_grad` and :func:`vera_lambda_d_grad`."""
     from fedlora.adapters import ADAPTER  # noqa: PLC0415
 
     lam_d, lam_b = module.vera_lambda_d[ADAPTER], module.vera_lambda_b[ADAPTER]
@@ -81,10 +81,32 @@ def vera_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor, role: s
     n = x.shape[0]
     x3 = x.reshape(n, -1, x.shape[-1]).to(lam_d.dtype)  # (batch, tokens, in)
     g3 = g.reshape(n, -1, g.shape[-1]).to(lam_d.dtype)  # (batch, tokens, out)
+    return x3, g3, a, bmat, lam_d.detach(), lam_b.detach()
+
+
+def vera_lambda_b_grad(x3: torch.Tensor, g3: torch.Tensor, a: torch.Tensor, bmat: torch.Tensor,
+                       lam_d: torch.Tensor) -> torch.Tensor:
+    """Per-example d/d lambda_b (batch, out) = sum over tokens of g * B (lambda_d * A x)."""
     u = x3 @ a.T  # (batch, tokens, r)
-    if role == "lambda_b":
-        return ((lam_d * u) @ bmat.T * g3).sum(1)
+    return ((lam_d * u) @ bmat.T * g3).sum(1)
+
+
+def vera_lambda_d_grad(x3: torch.Tensor, g3: torch.Tensor, a: torch.Tensor, bmat: torch.Tensor,
+                       lam_b: torch.Tensor) -> torch.Tensor:
+    """Per-example d/d lambda_d (batch, r) = sum over tokens of (B^T (lambda_b * g)) * (A x)."""
+    u = x3 @ a.T  # (batch, tokens, r)
     return ((lam_b * g3) @ bmat * u).sum(1)
+
+
+def vera_per_sample(module: nn.Module, x: torch.Tensor, g: torch.Tensor, role: str) -> torch.Tensor:
+    """Per-example gradient of a PEFT VeRA layer's ``lambda_b`` (batch, out) or ``lambda_d``
+    (batch, r) from its input ``x`` and output gradient ``g``. The layer adds
+    ``lambda_b * B (lambda_d * A x)`` with frozen shared A (r, in) and B (out, r), so with u = A x:
+    d/d lambda_b = sum over tokens of g * B (lambda_d * u), d/d lambda_d = sum of (B^T (lambda_b * g)) * u."""
+    x3, g3, a, bmat, lam_d, lam_b = vera_operands(module, x, g)
+    if role == "lambda_b":
+        return vera_lambda_b_grad(x3, g3, a, bmat, lam_d)
+    return vera_lambda_d_grad(x3, g3, a, bmat, lam_b)
 
 
 def _vera_owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
@@ -175,8 +197,11 @@ class PerSampleGradients:
         for h in self._handles:
             h.remove()
 
-    def fused_grads(self, active: list[str]) -> Grads:
-        """Per-sample gradients (batch, *shape) of the active hooked tensors (``fused``)."""
+    def fused_grads(self, active: list[str], kernels: StepMath | None = None) -> Grads:
+        """Per-sample gradients (batch, *shape) of the active hooked tensors (``fused``); ``kernels``:
+        the einsums through :class:`~fedlora.privacy.compiled.StepKernels` (``train.compile``), else eager."""
+        linear = kernels.linear if kernels is not None else linear_per_sample
+        vera = kernels.vera if kernels is not None else vera_per_sample
         out: Grads = {}
         for name in active:
             module, attr = self.linear.get(name) or self.vera[name]
@@ -185,7 +210,7 @@ class PerSampleGradients:
                 if g is None:
                     raise RuntimeError(f"no output gradient recorded for {name}; was backward() called?")
                 if name in self.vera:
-                    piece = vera_per_sample(module, x, g, attr)
+                    piece = vera(module, x, g, attr)
                     total = piece if total is None else total + piece
                     continue
                 b = x.shape[0]
@@ -193,7 +218,7 @@ class PerSampleGradients:
                 x, g = x.to(dtype), g.to(dtype)
                 if isinstance(module, nn.Conv2d):  # a 1x1 conv is a linear layer over pixels
                     x, g = x.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2)  # (batch, pixels, ch)
-                piece = linear_per_sample(x, g, attr)
+                piece = linear(x, g, attr)
                 if isinstance(module, nn.Conv2d) and attr == "weight":
                     piece = piece.reshape(b, *module.weight.shape)  # (batch, out, in, 1, 1)
                 elif self._conv1d is not None and isinstance(module, self._conv1d) and attr == "weight":
@@ -236,30 +261,48 @@ def add_noise(summed: Grads, *, std: float, noise: NoiseSource) -> Grads:
     return {k: summed[k] + std * z.to(summed[k].dtype) for k, z in zip(names, draws, strict=True)}
 
 
-def group_clip_factors(per_sample: Grads, dp: DPParams, groups: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    """Per tensor, its per-example clip factors: flat over all tensors, or per group (``groups``:
-    name -> 'head' | 'adapter'; a name it lacks is an adapter tensor) with the bounds of
-    :meth:`DPParams.group_bounds`. Either way each example's clipped gradient has norm <= C."""
+def clip_groups(per_sample: Grads, dp: DPParams, groups: dict[str, str] | None) -> list[tuple[list[str], float]]:
+    """The tensors clipped together and their bound: one group (all, C) when flat, else per group
+    (``groups``: name -> 'head' | 'adapter'; a name it lacks is an adapter tensor) with the bounds
+    of :meth:`DPParams.group_bounds`."""
     bounds = dp.group_bounds()
     if "all" in bounds or groups is None:
-        f = clip_factors(per_sample, dp.clip_norm)
-        return dict.fromkeys(per_sample, f)
+        return [(list(per_sample), dp.clip_norm)]
+    return [([k for k in per_sample if groups.get(k, "adapter") == group], bounds[group])
+            for group in sorted({groups.get(k, "adapter") for k in per_sample})]
+
+
+def group_clip_factors(per_sample: Grads, dp: DPParams, groups: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Per tensor, its per-example clip factors, flat or per group (:func:`clip_groups`).
+    Either way each example's clipped gradient has norm <= C."""
     out: dict[str, torch.Tensor] = {}
-    for group in sorted({groups.get(k, "adapter") for k in per_sample}):
-        sub = {k: g for k, g in per_sample.items() if groups.get(k, "adapter") == group}
-        f = clip_factors(sub, bounds[group])
-        out.update(dict.fromkeys(sub, f))
+    for names, bound in clip_groups(per_sample, dp, groups):
+        out.update(dict.fromkeys(names, clip_factors({k: per_sample[k] for k in names}, bound)))
     return out
 
 
+def clipped_sums(per_sample: Grads, dp: DPParams, groups: dict[str, str] | None = None) -> Grads:
+    """The noiseless clipped sum of each tensor: sum over examples of factor_i * g_i (flat or per group)."""
+    factors = group_clip_factors(per_sample, dp, groups)
+    return {k: torch.einsum("b,b...->...", factors[k].to(g.dtype), g) for k, g in per_sample.items()}
+
+
+class StepMath(Protocol):
+    """The pure tensor math of the DP step, eager or compiled (:class:`fedlora.privacy.compiled.StepKernels`)."""
+
+    def linear(self, x: torch.Tensor, g: torch.Tensor, attr: str) -> torch.Tensor: ...
+    def vera(self, module: nn.Module, x: torch.Tensor, g: torch.Tensor, role: str) -> torch.Tensor: ...
+    def clipped_sums(self, per_sample: Grads, dp: DPParams, groups: dict[str, str] | None) -> Grads: ...
+
+
 def privatize(per_sample: Grads, dp: DPParams, noise: NoiseSource, *, groups: dict[str, str] | None = None,
-              signal: dict[str, float] | None = None) -> Grads:
+              signal: dict[str, float] | None = None, kernels: StepMath | None = None) -> Grads:
     """clip (flat, or per group with ``groups``) -> sum -> noise -> scale by the expected batch size.
 
     ``signal``, when given, receives each tensor's squared norm of the noiseless clipped sum: a
-    NON-private statistic (research diagnostics only; a run that releases it is not covered by DP)."""
-    factors = group_clip_factors(per_sample, dp, groups)
-    summed = {k: torch.einsum("b,b...->...", factors[k].to(g.dtype), g) for k, g in per_sample.items()}
+    NON-private statistic (research diagnostics only; a run that releases it is not covered by DP).
+    ``kernels`` (``train.compile``) computes the clip and sum; the noise is drawn here either way."""
+    summed = (kernels.clipped_sums if kernels is not None else clipped_sums)(per_sample, dp, groups)
     if signal is not None:
         signal.update({k: float(v.double().pow(2).sum()) for k, v in summed.items()})
     noisy = add_noise(summed, std=dp.noise_multiplier * dp.clip_norm, noise=noise)
