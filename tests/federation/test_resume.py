@@ -47,6 +47,20 @@ def test_checkpoint_from_another_config_is_refused(tiny_cfg, tmp_path):
         other.restore(state)
 
 
+def test_a_checkpoint_from_before_a_new_config_field_resumes(tiny_cfg, tmp_path):
+    """A field the schema gained since the checkpoint (absent from its config) takes its default."""
+    sim = _checkpointed(tiny_cfg(federation={"rounds": 3}), tmp_path)
+    record = sim.run_round(1)
+    sim.round, sim.metrics = 1, [record]
+    sim.checkpoint(1)
+    state = load_checkpoint(sim.run_dir.checkpoint_dir(1))
+    for key in ("lr_schedule", "lr_final_fraction", "compile"):
+        del state["config"]["train"][key]  # as written by a fedlora without these fields
+    Simulation(tiny_cfg(federation={"rounds": 3})).restore(state, sim.metrics)
+    with pytest.raises(FedloraError, match="train.lr_schedule"):  # set differently: still refused
+        Simulation(tiny_cfg(federation={"rounds": 3}, train={"lr_schedule": "cosine"})).restore(state, sim.metrics)
+
+
 def test_interrupted_checkpoint_write_falls_back_to_the_previous_round(tiny_cfg, tmp_path):
     sim = _checkpointed(tiny_cfg(federation={"rounds": 3}), tmp_path)
     sim.run()

@@ -170,10 +170,21 @@ def latest_checkpoint(checkpoints: Path) -> tuple[dict[str, Any] | None, list[st
     return None, notes
 
 
+def with_current_defaults(saved: Any) -> Any:
+    """A checkpoint's config with every field added to the schema since it was written at its
+    default, so that a newer fedlora resumes it (a field it set differently still differs)."""
+    from fedlora.config import ExperimentConfig  # noqa: PLC0415
+
+    try:
+        return ExperimentConfig.model_validate(saved).model_dump(mode="json")
+    except (ValueError, TypeError):
+        return saved  # not a config this version reads: the comparison reports the first difference
+
+
 def restore(sim: Any, state: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> None:
     """Put a loaded checkpoint's federation state into a freshly built simulation; ``metrics``:
     the run's first ``state["metrics_rows"]`` records (None: start the in-memory list empty)."""
-    saved, current = state["config"], sim.cfg.model_dump(mode="json")
+    saved, current = with_current_defaults(state["config"]), sim.cfg.model_dump(mode="json")
     if saved != current:
         key = next(_differences(saved, current), "?")
         raise FedloraError(f"checkpoint was written by another config ('{key}' differs); resume with the run's own config.yaml")
