@@ -229,27 +229,32 @@ class PrefixStore:
         return rows
 
     def load(self, key: str) -> Rows:
-        """The entry's rows (views into one array); FileNotFoundError when absent, CorruptEntry when its
-        header, size or checksum does not match."""
+        """The entry's rows: views into the file, memory-mapped copy-on-write (pages from the page cache,
+        shared by every process using the entry; a write to a row stays in this process). Raises
+        FileNotFoundError when absent, CorruptEntry when its header, size or checksum does not match.
+        Entries are only ever replaced by a rename or removed, so a mapping never loses its file."""
         with self.path(key).open("rb") as f:
             try:
                 head = json.loads(_read_array(f, np.uint8).tobytes())
                 lengths = _read_array(f, np.int64)
-                data = _read_array(f, np.dtype(head["dtype"]))
-                end, size = f.tell(), os.fstat(f.fileno()).st_size
+                shape, dtype = _read_header(f, np.dtype(head["dtype"]))
+                offset, size = f.tell(), os.fstat(f.fileno()).st_size
+                nbytes = int(np.prod(shape)) * dtype.itemsize
                 problems = [
                     (head.get("format") != FORMAT, "format"), (head.get("key") != key, "key"),
-                    (end != size, f"{size - end} trailing bytes"), (len(lengths) != head.get("rows"), "row count"),
-                    (int(lengths.sum()) != data.shape[0], "lengths"),
-                    (list(data.shape[1:]) != head.get("tail"), "shape"), (data.nbytes != head.get("nbytes"), "size"),
+                    (offset + nbytes > size, "truncated"), (offset + nbytes < size, "trailing bytes"),
+                    (len(lengths) != head.get("rows"), "row count"), (int(lengths.sum()) != shape[0], "lengths"),
+                    (list(shape[1:]) != head.get("tail"), "shape"), (nbytes != head.get("nbytes"), "size"),
                 ]
+                bad = [what for failed, what in problems if failed]
+                if bad:
+                    raise CorruptEntry(", ".join(bad))
+                data = (np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=shape).view(np.ndarray) if nbytes
+                        else np.empty(shape, dtype=dtype))
             except (ValueError, EOFError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
                 raise CorruptEntry(str(err).splitlines()[0][:80] if str(err) else type(err).__name__) from None
-        bad = [what for failed, what in problems if failed]
-        if not bad and zlib.crc32(memoryview(data).cast("B")) != head.get("crc32"):
-            bad.append("checksum")
-        if bad:
-            raise CorruptEntry(", ".join(bad))
+        if zlib.crc32(memoryview(data).cast("B")) != head.get("crc32"):
+            raise CorruptEntry("checksum")
         return list(np.split(data, np.cumsum(lengths)[:-1])) if len(lengths) else []
 
     # ------------------------------------------------------------------ writing
@@ -337,8 +342,21 @@ class PrefixStore:
             os.close(fd)
 
 
-def _read_array(f: BinaryIO, dtype: np.dtype | type) -> np.ndarray:
-    out = np.load(f, allow_pickle=False)
-    if not isinstance(out, np.ndarray) or out.dtype != np.dtype(dtype):
+def _read_header(f: BinaryIO, dtype: np.dtype) -> tuple[tuple[int, ...], np.dtype]:
+    """The next ``.npy`` record's header: its shape, checked to hold C-ordered ``dtype`` (never objects)."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, found = read(f)
+    if fortran or found != dtype or found.hasobject:
         raise ValueError("unexpected record")
+    return tuple(shape), found
+
+
+def _read_array(f: BinaryIO, dtype: np.dtype | type) -> np.ndarray:
+    """A small ``.npy`` record (the header and the lengths) into memory."""
+    shape, found = _read_header(f, np.dtype(dtype))
+    out = np.empty(shape, dtype=found)
+    view = memoryview(out).cast("B")
+    if f.readinto(view) != len(view):
+        raise EOFError("truncated")
     return out
