@@ -12,10 +12,11 @@ or pixel arrays with the transform's size and normalisation); the compute device
 the autocast state, float32 matmul settings, CPU threads; the torch, transformers and numpy
 versions.
 
-Entry: one file ``<key>.prefix``, three ``.npy`` records back to back, read with
-``allow_pickle=False``: a JSON header (key, row count, per-row shape, byte count, CRC-32 of the
-data), the per-example lengths along axis 0, and all examples concatenated along axis 0. Written
-to a 0600 temporary file in the same folder, fsynced and renamed (``files.write_private_atomic``).
+Entry: one file ``<key>.prefix``, three ``.npy`` records back to back (no pickle; object dtypes
+are refused): a JSON header (key, row count, per-row shape, byte count, CRC-32 of the data), the
+per-example lengths along axis 0, and all examples concatenated along axis 0, memory-mapped on
+load. Written to a 0600 temporary file in the same folder, fsynced and renamed
+(``files.write_private_atomic``).
 A per-key ``fcntl`` lock makes one process compute a missing entry while the others wait and then
 load it. A corrupt or truncated entry is recomputed with a one-line warning; a folder that cannot
 be used leaves the cache in memory only, with a warning. After each write the least recently used
@@ -251,7 +252,7 @@ class PrefixStore:
                     raise CorruptEntry(", ".join(bad))
                 data = (np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=shape).view(np.ndarray) if nbytes
                         else np.empty(shape, dtype=dtype))
-            except (ValueError, EOFError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            except (ValueError, EOFError, KeyError, TypeError, AttributeError, SyntaxError) as err:
                 raise CorruptEntry(str(err).splitlines()[0][:80] if str(err) else type(err).__name__) from None
         if zlib.crc32(memoryview(data).cast("B")) != head.get("crc32"):
             raise CorruptEntry("checksum")
@@ -355,6 +356,8 @@ def _read_header(f: BinaryIO, dtype: np.dtype) -> tuple[tuple[int, ...], np.dtyp
 def _read_array(f: BinaryIO, dtype: np.dtype | type) -> np.ndarray:
     """A small ``.npy`` record (the header and the lengths) into memory."""
     shape, found = _read_header(f, np.dtype(dtype))
+    if int(np.prod(shape)) * found.itemsize > os.fstat(f.fileno()).st_size - f.tell():
+        raise EOFError("truncated")
     out = np.empty(shape, dtype=found)
     view = memoryview(out).cast("B")
     if f.readinto(view) != len(view):
