@@ -50,9 +50,10 @@ def node_run_config(run_config: dict[str, Any], node_config: dict[str, Any]):
 
     ``node_config["config"]``: the node's own fedlora YAML; its ``privacy`` section is what the node
     enforces, and a server config asking for weaker privacy is refused; its ``task.prefix_cache_dir``
-    and ``task.prefix_cache_max_gb`` say where the node keeps its prefix cache on disk (or 'off'). ``node_config["data"]``: a
-    local file or folder with this node's own training examples (then all of it is this client's
-    partition); without it the node takes its partition of the shared ``task.dataset`` itself."""
+    and ``task.prefix_cache_max_gb`` say where the node keeps its prefix cache on disk (or 'off').
+    ``node_config["data"]``: a local file or folder with this node's own training examples (then all
+    of it is this client's partition); without it the node takes its partition of the shared
+    ``task.dataset`` itself."""
     from fedlora.config import load_config  # noqa: PLC0415
     from fedlora.errors import Refused  # noqa: PLC0415
     from fedlora.federation.client import weaker_privacy  # noqa: PLC0415
