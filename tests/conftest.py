@@ -19,6 +19,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def prefix_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One on-disk prefix cache for the whole suite (tasks/prefix_store.py), never the user's own:
+    repeated builds of the same task load it; subprocesses inherit the variable."""
+    root = tmp_path_factory.mktemp("fedlora-cache")
+    os.environ["FEDLORA_CACHE_DIR"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast

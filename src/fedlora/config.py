@@ -49,6 +49,14 @@ class TaskConfig(_Section):
     cache_prefix: bool = Field(
         True, description="cache the frozen layers below the first adapted layer (exact, much faster)"
     )
+    prefix_cache_dir: str | None = Field(
+        None, description="folder (on this machine only, 0700) where that cache is also kept on disk and reused by "
+        "later runs: null = $FEDLORA_CACHE_DIR/prefix if set, else the user cache folder ($XDG_CACHE_HOME or "
+        "~/.cache, then fedlora/prefix); 'off' = in memory only (docs/privacy.md)"
+    )
+    prefix_cache_max_gb: float = Field(
+        4.0, gt=0, description="bound on that folder in GB (1e9 bytes); least recently used entries are removed"
+    )
     prompt_column: str = Field("prompt", description="causal-lm: the column holding each example's prompt")
     response_column: str = Field("response", description="causal-lm: the column holding each example's response")
     prompt_template: str = Field(

@@ -151,6 +151,10 @@ def test_a_node_refuses_a_server_config_with_weaker_privacy(tiny_model_dir, tiny
     stronger = build_config(tiny_tree(tiny_model_dir, tiny_csv, tmp_path, privacy={"epsilon": 1.0}, federation={"rounds": 5}))
     ran = node_run_config({"config-yaml": stronger.to_yaml()}, {"partition-id": 0, "config": str(path)})
     assert ran.privacy == own.privacy and ran.federation.rounds == 5  # the node's privacy, the server's schedule
+    path.write_text(build_config(tiny_tree(tiny_model_dir, tiny_csv, tmp_path, task={"prefix_cache_dir": "off"})).to_yaml())
+    asks_disk = build_config(tiny_tree(tiny_model_dir, tiny_csv, tmp_path, task={"prefix_cache_dir": str(tmp_path / "c")}))
+    ran = node_run_config({"config-yaml": asks_disk.to_yaml()}, {"partition-id": 0, "config": str(path)})
+    assert ran.task.prefix_cache_dir == "off"  # the server cannot switch on a disk cache of the node's data
     assert weaker_privacy(own.privacy, stronger.privacy) is None
 
 

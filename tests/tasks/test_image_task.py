@@ -109,6 +109,28 @@ def test_prefix_cache_is_exact_and_batchnorm_stays_frozen(image_cfg):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_cache_reloads_from_disk_bit_for_bit(image_cfg, tmp_path, monkeypatch):
+    disk = {"prefix_cache_dir": str(tmp_path / "cache")}
+    first = Runtime(image_cfg(task=disk))
+    assert len(list((tmp_path / "cache").glob("*.prefix"))) == 2  # train and test
+    memory = Runtime(image_cfg(task={"prefix_cache_dir": "off"}))
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed, not loaded")
+
+    monkeypatch.setattr(image_mod.ImageClassificationTask, "_run_prefix", no_compute)
+    second = Runtime(image_cfg(task=disk))
+    for name in ("train", "test"):
+        rows = [getattr(rt.task, name).features["hidden"] for rt in (first, memory, second)]
+        assert all(len(r) == len(rows[1]) for r in rows)
+        for a, b, c in zip(*rows, strict=True):
+            assert a.dtype == b.dtype == c.dtype and a.shape == b.shape == c.shape
+            assert np.array_equal(a, b) and np.array_equal(c, b)
+    idx = np.arange(6)
+    assert torch.equal(second.task.batch(second.task.test, idx, second.device)["hidden"],
+                       memory.task.batch(memory.task.test, idx, memory.device)["hidden"])
+
+
 def test_short_dp_run_learns_the_written_images(image_cfg):
     summary = run_experiment(image_cfg(), progress=False)
     assert summary["rounds"] == 3 and 0 < summary["final"]["epsilon"] <= 8.0

@@ -1,13 +1,12 @@
 """Certificates and keys for a deployment: a CA, the SuperLink's TLS certificate, SuperNode auth keys.
 
-Private keys are created 0600 (``os.open`` with that mode: never readable by others, not even
+Private keys are created 0600 (``fedlora.files.write_private``: never readable by others, not even
 for a moment) in folders made 0700."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -15,21 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def private_folder(directory: Path) -> Path:
-    """``directory`` (and missing parents) readable by its owner only: 0700 (an existing one is narrowed)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if directory.stat().st_mode & 0o077:
-        directory.chmod(0o700)
-    return directory
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """A new file that is 0600 from its creation (no moment at 0644); an old file there is replaced."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+from fedlora.files import private_folder, write_private
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:

@@ -31,7 +31,8 @@ import tomli_w
 
 from fedlora.config import ExperimentConfig
 from fedlora.errors import FedloraError
-from fedlora.flower.certs import make_node_key, make_tls, private_folder
+from fedlora.files import private_folder
+from fedlora.flower.certs import make_node_key, make_tls
 from fedlora.flower.node import WORKER_ENV, WORKER_KEY_ENV
 from fedlora.flower.simulate import run_config_for
 from fedlora.report.rundir import RunDir

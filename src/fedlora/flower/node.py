@@ -49,9 +49,11 @@ def node_run_config(run_config: dict[str, Any], node_config: dict[str, Any]):
     """The config this node runs: the server's, with the node's own privacy settings and data.
 
     ``node_config["config"]``: the node's own fedlora YAML; its ``privacy`` section is what the node
-    enforces, and a server config asking for weaker privacy is refused. ``node_config["data"]``: a
-    local file or folder with this node's own training examples (then all of it is this client's
-    partition); without it the node takes its partition of the shared ``task.dataset`` itself."""
+    enforces, and a server config asking for weaker privacy is refused; its ``task.prefix_cache_dir``
+    and ``task.prefix_cache_max_gb`` say where the node keeps its prefix cache on disk (or 'off').
+    ``node_config["data"]``: a local file or folder with this node's own training examples (then all
+    of it is this client's partition); without it the node takes its partition of the shared
+    ``task.dataset`` itself."""
     from fedlora.config import load_config  # noqa: PLC0415
     from fedlora.errors import Refused  # noqa: PLC0415
     from fedlora.federation.client import weaker_privacy  # noqa: PLC0415
@@ -64,7 +66,9 @@ def node_run_config(run_config: dict[str, Any], node_config: dict[str, Any]):
         why = weaker_privacy(own.privacy, asked.privacy)
         if why is not None:
             raise Refused(f"this node refuses the server's config: {why} is weaker than its own privacy config")
-        cfg = asked.model_copy(update={"privacy": own.privacy})
+        # where (and whether) the node keeps hidden states of its own data on its disk is its own choice
+        disk = {k: getattr(own.task, k) for k in ("prefix_cache_dir", "prefix_cache_max_gb")}
+        cfg = asked.model_copy(update={"privacy": own.privacy, "task": asked.task.model_copy(update=disk)})
     if node_config.get("data"):
         task = cfg.task.model_copy(update={"dataset": str(node_config["data"])})
         fed = cfg.federation.model_copy(update={"num_clients": 1, "partition": "iid", "clients_per_round": 1.0})

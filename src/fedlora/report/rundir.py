@@ -13,15 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.errors import FedloraError
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new, renamed or appended-to file in it) survive a power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from fedlora.files import fsync_dir
 
 
 def _atomic_write(path: Path, text: str) -> None:

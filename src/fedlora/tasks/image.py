@@ -36,6 +36,7 @@ from fedlora.tasks.effnet import (
 )
 from fedlora.tasks.idx import FASHION_MNIST
 from fedlora.tasks.images import load_images
+from fedlora.tasks.prefix_store import PrefixKey, open_store
 
 DEFAULT_SIZE = 32
 _TEXT_DEFAULTS = {"dataset": "rotten-tomatoes", "model": "minilm"}
@@ -100,24 +101,42 @@ class ImageClassificationTask(PrefixCachedClassification):
 
     @torch.no_grad()
     def cache_prefix(self, model: nn.Module, start: int, device: torch.device, batch_size: int = 256) -> None:
-        """Run the frozen stem and blocks below ``start`` once (EfficientNet only; exact)."""
+        """Run the frozen stem and blocks below ``start`` once (EfficientNet only; exact). Each split's
+        result is also kept on this machine's disk and reused (tasks/prefix_store.py)."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not isinstance(base, ConvClassifier) or start <= 0 or start == self.prefix_start:
             return
         was_training = base.training
         base.eval()
+        modules = [base.backbone.stem, *base.backbone.blocks[:start]]
+        store = open_store(self.cfg)
+        key = None
+        if store is not None:
+            key = (PrefixKey(self.name).add("start", start).add("batch_size", batch_size).add_file(__file__)
+                   .add("transform", {"size": self.size, "mean": list(self.mean), "std": list(self.std)})
+                   .add_modules(modules).add_compute(device))
         for examples in (self.train, self.test):
-            cached: list[np.ndarray] = []
-            images = examples.features["pixels"]
-            for s in range(0, len(images), batch_size):
-                h = self.pixels(images[s : s + batch_size], device)
-                h = base.backbone.stem(h)
-                for block in base.backbone.blocks[:start]:
-                    h = block(h)
-                cached.extend(h.float().cpu().numpy())
-            examples.features["hidden"] = cached
+            def compute(examples: ExampleSet = examples) -> list[np.ndarray]:
+                return self._run_prefix(modules, examples.features["pixels"], device, batch_size)
+
+            if store is None or key is None or not len(examples):
+                examples.features["hidden"] = compute()
+                continue
+            split = key.copy().add_arrays("pixels", examples.features["pixels"])
+            examples.features["hidden"] = store.load_or_compute(split.hexdigest(), compute)
         base.train(was_training)
         self.prefix_start = start
+
+    def _run_prefix(self, modules: list[nn.Module], images: list[np.ndarray], device: torch.device,
+                    batch_size: int) -> list[np.ndarray]:
+        """The stem and blocks over ``images`` in order: one (channels, height, width) array per image."""
+        cached: list[np.ndarray] = []
+        for s in range(0, len(images), batch_size):
+            h = self.pixels(images[s : s + batch_size], device)
+            for module in modules:
+                h = module(h)
+            cached.extend(h.float().cpu().numpy())
+        return cached
 
     def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         idx = [int(i) for i in indices]

@@ -23,6 +23,7 @@ from fedlora.tasks.base import (
     classification_metrics,
     register_task,
 )
+from fedlora.tasks.prefix_store import PrefixKey, open_store
 from fedlora.tasks.tables import load_text_table
 
 OFFLINE_MODEL = "minilm"
@@ -172,30 +173,55 @@ class TextClassificationTask(PrefixCachedClassification):
         """Run the frozen layers below ``start`` once and keep their output per example.
 
         Exact when no adapter sits below layer ``start`` (the caller checks): those layers are
-        a fixed function of the input, so every later step and evaluation skips them.
+        a fixed function of the input, so every later step and evaluation skips them. Each split's
+        result is also kept on this machine's disk (``task.prefix_cache_dir``, tasks/prefix_store.py)
+        and loaded from there, bit for bit, by the next process with the same prefix and inputs.
         """
         if start == self.prefix_start or start <= 0:
             return
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         encoder = base.encoder
         layers = layer_list(encoder)
+        store = open_store(self.cfg)
+        key = self._prefix_key(encoder, layers, start, device, batch_size) if store is not None else None
         self.prefix_start = 0  # token batches while caching
         for examples in (self.train, self.test):
-            cached: list[np.ndarray] = [np.empty(0)] * len(examples)
-            order = np.argsort([len(x) for x in examples.features["input_ids"]], kind="stable")
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                b = self.batch(examples, idx, device)
-                extra = {"token_type_ids": b["token_type_ids"]} if "token_type_ids" in b else {}
-                h = encoder.embeddings(input_ids=b["input_ids"], **extra)  # (batch, tokens, hidden)
-                h = run_layers(layers[:start], h, b["attention_mask"]).float().cpu().numpy()
-                for row, i in enumerate(idx):
-                    cached[int(i)] = h[row, : len(examples.features["input_ids"][int(i)])]
-            examples.features["hidden"] = cached
+            def compute(examples: ExampleSet = examples) -> list[np.ndarray]:
+                return self._run_prefix(encoder, layers[:start], examples, device, batch_size)
+
+            if store is None or key is None or not len(examples):
+                examples.features["hidden"] = compute()
+                continue
+            split = key.copy().add_arrays("input_ids", examples.features["input_ids"])
+            split.add_arrays("token_type_ids", examples.features.get("token_type_ids", []))
+            examples.features["hidden"] = store.load_or_compute(split.hexdigest(), compute)
         self.prefix_start = start
         self._device_cache = {}
         if torch.device(device).type != "cpu":
             self.keep_cache_on(device)
+
+    def _prefix_key(self, encoder: nn.Module, layers: nn.ModuleList, start: int, device: torch.device,
+                    batch_size: int) -> PrefixKey:
+        """What a split's cached values depend on besides its inputs (tasks/prefix_store.py)."""
+        config = {k: v for k, v in encoder.config.to_dict().items() if k not in ("_name_or_path", "num_hidden_layers")}
+        return (PrefixKey(self.name).add("start", start).add("batch_size", batch_size).add("config", config)
+                .add("attention", getattr(encoder.config, "_attn_implementation", None)).add_file(__file__)
+                .add_modules([encoder.embeddings, *layers[:start]]).add_compute(device))
+
+    def _run_prefix(self, encoder: nn.Module, layers: nn.ModuleList, examples: ExampleSet, device: torch.device,
+                    batch_size: int) -> list[np.ndarray]:
+        """The embeddings and ``layers`` over ``examples`` in length-sorted batches: (tokens, hidden) per example."""
+        cached: list[np.ndarray] = [np.empty(0)] * len(examples)
+        order = np.argsort([len(x) for x in examples.features["input_ids"]], kind="stable")
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            b = self.batch(examples, idx, device)
+            extra = {"token_type_ids": b["token_type_ids"]} if "token_type_ids" in b else {}
+            h = encoder.embeddings(input_ids=b["input_ids"], **extra)  # (batch, tokens, hidden)
+            h = run_layers(layers, h, b["attention_mask"]).float().cpu().numpy()
+            for row, i in enumerate(idx):
+                cached[int(i)] = h[row, : len(examples.features["input_ids"][int(i)])]
+        return cached
 
     def keep_cache_on(self, device: torch.device | str, max_fraction: float = 0.25) -> None:
         """Also hold the prefix cache of the train and test splits on ``device``, zero-padded to the
