@@ -87,7 +87,9 @@ def test_broken_mechanisms_break_what_they_say():
 
 
 def test_honest_white_box_audit_is_consistent_and_close_to_the_claim(collected):
-    r = replay(collected, collected.dp, repeats=8)
+    # seeded noise (same distribution; the auditor does not know the seed): the verdict is then
+    # deterministic; with secure noise a 95% lower bound exceeds an honest claim about 1 time in 20
+    r = replay(collected, collected.dp, repeats=8, reproducible_noise=True)
     assert r["verdict"] == "consistent", r
     assert 0.5 <= r["ratio"] <= 1.0, r
     assert r["claimed_epsilon"] == pytest.approx(3.0, rel=0.01)
@@ -95,7 +97,7 @@ def test_honest_white_box_audit_is_consistent_and_close_to_the_claim(collected):
 
 def _rows(collected, names, repeats):
     muts = [m for m in MUTATIONS if m.name in names]
-    return mutation_rows(collected, [3.0], repeats=repeats, mutations=muts)
+    return mutation_rows(collected, [3.0], repeats=repeats, mutations=muts, reproducible_noise=True)
 
 
 def test_every_mutation_is_flagged_and_the_honest_row_is_not(collected):

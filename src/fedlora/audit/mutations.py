@@ -79,15 +79,19 @@ MUTATIONS: tuple[Mutation, ...] = (
 
 
 def mutation_rows(col: Collected, epsilons: list[float], *, confidence: float = 0.95, repeats: int | None = None,
-                  canaries: int | None = None, mutations: tuple[Mutation, ...] | list[Mutation] = MUTATIONS) -> list[dict[str, Any]]:
-    """One row per (epsilon, mutation): claimed epsilon, measured lower bound, verdict, and whether it is right."""
+                  canaries: int | None = None, mutations: tuple[Mutation, ...] | list[Mutation] = MUTATIONS,
+                  reproducible_noise: bool = False) -> list[dict[str, Any]]:
+    """One row per (epsilon, mutation): claimed epsilon, measured lower bound, verdict, and whether it is right.
+    ``reproducible_noise``: every mechanism draws the run's seeded stream (a deterministic table, for tests;
+    the auditor still knows the seed only in the known-seed mutation)."""
     rows = []
     extra = {} if repeats is None else {"repeats": repeats}
     for eps in epsilons:
         dp = dp_at(col, eps)
         for mut in mutations:
             r = replay(col, dp, mechanism=mut.mechanism, mechanism_dp=mut.mechanism_dp(dp),
-                       reproducible_noise=mut.reproducible_noise, auditor_knows_seed=mut.reproducible_noise,
+                       reproducible_noise=mut.reproducible_noise or reproducible_noise,
+                       auditor_knows_seed=mut.reproducible_noise,
                        claim_steps=mut.claim_steps(len(col.steps)), canaries=canaries, confidence=confidence, **extra)
             rows.append({"target_epsilon": eps, "mutation": mut.name, "description": mut.description,
                          "broken": mut.broken, "flagged_correctly": (r["verdict"] == "VIOLATION") == mut.broken, **r})
