@@ -28,7 +28,7 @@ What the two sides share, and what each does itself:
 - sigma: pfl's ``RDPPrivacyAccountant`` calibrates its own sigma for (epsilon, delta, q = K / N,
   rounds) and pfl's mechanism uses it. Both sides use RDP; pfl's order grid (dp_accounting's
   default, steps of 0.1 up to order 11) is finer than fedlora's (steps of 0.25-0.5), so its sigma
-  can come out lower: 0.1-0.2% at 3-6 rounds, 1.2% at the config's 20 (0.6038 against 0.6109,
+  can come out lower: 0.1-0.2% at 3-7 rounds, 1.2% at the config's 20 (0.6038 against 0.6109,
   the optimum order 2.6 falling between fedlora's 2.5 and 3). The script also runs pfl's
   accountant on fedlora's orders and checks that sigma within 1% of fedlora's sigma_u (the same
   method), and prints both.
