@@ -24,7 +24,10 @@ def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Gener
 def seeded_torch(*parts: object, device: str | torch.device = "cpu") -> Iterator[None]:
     """Run a block with torch's global RNG seeded from ``parts`` (e.g. LoRA dropout masks of one
     (client, round, attempt, step)), restoring the global state afterwards."""
-    device = torch.device(device)
+    device, seed = torch.device(device), derive_seed(*parts)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(derive_seed(*parts))
+        if device.type == "cuda":
+            torch.manual_seed(seed)
+        else:  # the CPU generator only: torch.manual_seed also queues lazy seeds for CUDA, XPU and MTIA,
+            torch.default_generator.manual_seed(seed)  # each formatting a stack trace (most of the cost)
         yield

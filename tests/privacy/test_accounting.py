@@ -94,3 +94,21 @@ def test_vectorised_integer_order_rdp_equals_opacus(q, sigma):
     finite = np.isfinite(ref)
     assert (np.isfinite(ours) == finite).all()
     np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-6)
+
+
+@pytest.mark.parametrize("q,sigma", [(0.05, 0.61), (0.001, 1.3), (1.0, 2.0)])
+def test_cached_step_rdp_composes_exactly_as_opacus(q, sigma):
+    """n steps from the cached one-step curve equal Opacus's compute_rdp(steps=n) bit for bit, and
+    the curve cannot be mutated through the cache (user-level DP accounts once per round)."""
+    import numpy as np
+    from opacus.accountants.analysis import rdp
+
+    from fedlora.privacy.accounting import RDP_ORDERS, step_rdp
+
+    curve = step_rdp(q, sigma, RDP_ORDERS)
+    for n in (1, 7, 20, 1000):
+        ref = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=list(RDP_ORDERS))
+        assert np.array_equal(n * curve, ref)
+    assert step_rdp(q, sigma, RDP_ORDERS) is curve
+    with pytest.raises(ValueError):
+        curve[0] = 0.0

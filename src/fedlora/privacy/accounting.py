@@ -54,13 +54,27 @@ def integer_order_rdp(q: float, sigma: float, orders: Sequence[int]):
     return logsumexp(terms, axis=1) / (a[:, 0] - 1)
 
 
-def _rdp_epsilon(history: History, delta: float, orders: tuple[float, ...] = RDP_ORDERS) -> float:
+@lru_cache(maxsize=4096)
+def step_rdp(q: float, sigma: float, orders: tuple[float, ...]):
+    """RDP of one Poisson-subsampled Gaussian step at each order (read-only array), cached.
+
+    RDP composes additively, so n steps cost ``n * step_rdp(...)``: exactly what Opacus's
+    ``compute_rdp(steps=n)`` returns, without re-running its fractional-order series each time
+    the same (q, sigma) is accounted for more steps (user-level DP asks once per round)."""
     from opacus.accountants.analysis import rdp  # noqa: PLC0415
 
     if orders == INTEGER_ORDERS:
-        total = sum(n * integer_order_rdp(q, s, orders) for s, q, n in history)
+        curve = integer_order_rdp(q, sigma, orders)
     else:
-        total = sum(rdp.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=list(orders)) for s, q, n in history)
+        curve = rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders))
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(history: History, delta: float, orders: tuple[float, ...] = RDP_ORDERS) -> float:
+    from opacus.accountants.analysis import rdp  # noqa: PLC0415
+
+    total = sum(n * step_rdp(q, s, orders) for s, q, n in history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eps, _ = rdp.get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
