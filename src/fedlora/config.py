@@ -358,3 +358,13 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file '{p}' must hold a mapping of sections (task:, method:, ...)")
         tree = loaded
     return build_config(tree, overrides)
+
+
+def with_current_defaults(saved: Any) -> Any:
+    """A saved config tree (a checkpoint's, a compare grid's base) with every field added to the
+    schema since it was written at its default, so that a newer fedlora resumes it; a field it set
+    differently still differs. A tree this version cannot read is returned as it is."""
+    try:
+        return ExperimentConfig.model_validate(saved).model_dump(mode="json")
+    except (ValueError, TypeError):
+        return saved

@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedlora.cli import app
+from fedlora.errors import FedloraError
 from fedlora.experiment import run_experiment
 from fedlora.federation.simulation import Simulation
 from fedlora.report.compare import METHOD_DEFAULTS, plan_grid, run_compare
@@ -134,6 +135,22 @@ def test_first_seed_shifts_the_seeds(cfg_file: Path, tmp_path: Path) -> None:
     assert [(cell.seed, cfg.train.seed) for cell, cfg in grid.cells] == [(5, 5), (6, 6)]
     assert grid.spec["first_seed"] == 5
     assert "first_seed" not in plan_grid(cfg_file, methods="dp-lora", epsilons="3", seeds=1, out=str(tmp_path)).spec
+
+
+def test_a_grid_written_before_a_new_config_field_resumes(cfg_file: Path, tmp_path: Path) -> None:
+    from fedlora.report.compare import prepare_dir
+
+    grid = plan_grid(cfg_file, methods="dp-lora", epsilons="3", seeds=1, out=str(tmp_path), name="old", no_dp_reference=True)
+    prepare_dir(grid)
+    path = grid.root / "grid.yaml"
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    del spec["base"]["train"]["lr_schedule"]  # as an older fedlora wrote it
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    prepare_dir(grid)  # same grid
+    spec["base"]["train"]["lr"] = 0.123  # a field set differently is another grid
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    with pytest.raises(FedloraError, match="different grid"):
+        prepare_dir(grid)
 
 
 def test_composed_methods_are_grid_rows(cfg_file: Path, tmp_path: Path) -> None:

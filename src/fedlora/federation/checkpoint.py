@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora.config import with_current_defaults
 from fedlora.errors import FedloraError
 
 STATE_FILE = "federation.pt"
@@ -168,17 +169,6 @@ def latest_checkpoint(checkpoints: Path) -> tuple[dict[str, Any] | None, list[st
     if rounds:
         raise FedloraError(f"no readable checkpoint under '{checkpoints}' ({notes[0]}); start a new run")
     return None, notes
-
-
-def with_current_defaults(saved: Any) -> Any:
-    """A checkpoint's config with every field added to the schema since it was written at its
-    default, so that a newer fedlora resumes it (a field it set differently still differs)."""
-    from fedlora.config import ExperimentConfig  # noqa: PLC0415
-
-    try:
-        return ExperimentConfig.model_validate(saved).model_dump(mode="json")
-    except (ValueError, TypeError):
-        return saved  # not a config this version reads: the comparison reports the first difference
 
 
 def restore(sim: Any, state: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> None:

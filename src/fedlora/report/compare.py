@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from fedlora.config import ExperimentConfig, build_config, load_config
+from fedlora.config import ExperimentConfig, build_config, load_config, with_current_defaults
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.methods.registry import METHOD_DEFAULTS
 from fedlora.report.cells import read_summary, run_cell
@@ -130,6 +130,8 @@ def prepare_dir(grid: Grid) -> None:
     path = grid.root / "grid.yaml"
     if path.is_file():
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(old, dict) and "base" in old:  # written by an older fedlora: new fields at their defaults
+            old["base"] = with_current_defaults(old["base"])
         if json.dumps(old, sort_keys=True) != json.dumps(json.loads(json.dumps(grid.spec)), sort_keys=True):
             raise FedloraError(f"'{grid.root}' holds a different grid; rerun the same command or choose another --name")
         return
