@@ -40,7 +40,8 @@ both sides (round 1 warms up, and pfl evaluates every user before and after trai
 first central iteration; round R is fedlora's evaluation round: the script sets eval.every =
 rounds so fedlora evaluates once, at the end; pfl's final model is evaluated after its loop);
 seconds per client update = seconds per round / K. Accuracy: the final global model on the same
-test split. One torch thread on each side (train.threads = 1).
+test split. One torch thread on each side (train.threads = 1). Constant rates on both sides
+(train.lr_schedule = constant: pfl's optimizers keep one rate; the shipped config decays them).
 
     python benchmarks/peer_pfl.py --only fedlora -s federation.rounds=3
     python benchmarks/peer_pfl.py --clients 10:10 --clients 1000 -s federation.rounds=5 --repeats 2
@@ -487,7 +488,8 @@ def main() -> None:
     ap.add_argument("--env", type=Path, default=Path(tempfile.gettempdir()) / "fedlora-pfl-env")
     ap.add_argument("--out", type=Path, default=None, help="write every side's figures to this JSON file")
     args = ap.parse_args()
-    overrides = {"train.threads": 1, **dict(parse_override(s) for s in args.set)}
+    # constant rates: pfl's central optimizer and local SGD keep one rate (the config decays both on a cosine)
+    overrides = {"train.threads": 1, "train.lr_schedule": "constant", **dict(parse_override(s) for s in args.set)}
     version = ensure_pfl(args.env) if args.only == "both" else None
     results = []
     for n, k in args.clients or [(None, None)]:
