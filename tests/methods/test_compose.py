@@ -60,6 +60,9 @@ def test_dp_lora_with_alternating_steps_is_la_lora(tiny_cfg):
     cfg = tiny_cfg(method={"name": "dp-lora", "schedule": "alternate-steps"}, **fast)
     composed, paper = Simulation(cfg), Simulation(tiny_cfg(method={"name": "la-lora"}, **fast))
     assert composed.method.name == "dp-lora+schedule=alternate-steps" and not composed.method.exact
+    # the row names the schedule's options that ran, as la-lora's does
+    assert composed.method.variant == "dp-lora+schedule=alternate-steps (phase B, filter on)"
+    assert paper.method.variant == "la-lora (phase B, filter on)"
     a, b = composed.run(), paper.run()
     assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in b.global_state)
 

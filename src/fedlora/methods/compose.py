@@ -144,7 +144,8 @@ def compose_method(name: str, overrides: dict[str, str | None], setup: MethodSet
     seams = {**own, **changed}
     check(label, seams)
     method = replace(base, name=label, **{k: built[k] for k in changed},
-                     info={**base.info, "composed_from": base.name, **{k: changed[k].name for k in changed}})
+                     info={**base.info, "composed_from": base.name, **{k: changed[k].name for k in changed},
+                           **{key: v for k in changed for key, v in getattr(built[k], "info", {}).items()}})
     if "plan" in changed:
         plan = changed["plan"]
         method = replace(method, local_roles=plan.local or local_roles(setup), frozen_roles=plan.frozen)

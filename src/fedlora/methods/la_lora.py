@@ -22,6 +22,7 @@ Models", ICLR 2026, https://arxiv.org/abs/2602.19926 (ALGORITHMS.md section 5).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -70,6 +71,11 @@ class AlternateSteps:
     first: str = "B"
     smooth: bool = True
 
+    @property
+    def info(self) -> dict[str, Any]:
+        """The options that select what ran; a method carrying this schedule records them."""
+        return {"phase": self.first, "filter": self.smooth}
+
     def factor(self, step: int) -> str:  # step is 0-based
         return self.first if step % 2 == 0 else {"A": "B", "B": "A"}[self.first]
 
@@ -104,5 +110,5 @@ def la_lora(setup: MethodSetup) -> Method:
         upload=SendTrained(),
         aggregate=MeanOfUploads(),
         local_roles=local_roles(setup),
-        info={"phase": schedule.first, "filter": schedule.smooth},
+        info=schedule.info,
     )
