@@ -130,3 +130,20 @@ def test_the_server_never_opens_training_data_nodes_bring_their_own_and_their_ow
     assert setup["clients"] == [135, 135]  # each node's own file minus its own test share (10%)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] is None and [r["steps"] for r in rows[-1]["privacy"]] == [4, 4]
+
+
+@pytest.mark.slow
+def test_flower_run_records_the_user_level_ledger_as_the_in_process_run_does(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(train={"threads": 1}, federation={"num_clients": 2, "rounds": 1, "local_steps": 1, "min_client_size": 20},
+                   privacy={"enabled": False, "user_level": {"enabled": True, "epsilon": 4.0, "clip_norm": 0.5}})
+    reference = Simulation(cfg)
+    expected_setup = reference.describe()["user_level"]
+    reference.run()
+    expected_final = reference.user_level_ledger(1)
+    assert expected_setup is not None and expected_final["epsilon"] > 0
+    run_dir = tmp_path / "flower-run"
+    simulate(cfg, run_dir)
+    setup = json.loads((run_dir / "setup.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert setup["user_level"] == json.loads(json.dumps(expected_setup))
+    assert summary["user_level"] == json.loads(json.dumps(expected_final))

@@ -167,6 +167,14 @@ class Server:
                          "step_budget": f.step_budget, "accountant": dp.accountant if private else None})
         return rows
 
+    def user_level_ledger(self, rounds: int) -> dict[str, Any] | None:
+        """sigma_u, the client sampling rate and the user-level epsilon after ``rounds`` (None: off)."""
+        if self.user_dp is None:
+            return None
+        fed = self.cfg.federation
+        k = len(sample_clients(fed.num_clients, fed.clients_per_round, seed=self.cfg.train.seed, round=1))
+        return self.user_dp.ledger(rounds, planned_rounds=fed.rounds, clients_per_round=k)
+
     def guarantees(self, rounds: int) -> str:
         """Which privacy guarantees hold after ``rounds`` rounds, in words."""
         dp, held = self.cfg.privacy, []

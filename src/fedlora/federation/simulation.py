@@ -288,11 +288,7 @@ class Simulation:
 
     def user_level_ledger(self, rounds: int) -> dict[str, Any] | None:
         """sigma_u, the client sampling rate and the user-level epsilon after ``rounds`` (None: off)."""
-        if self.user_dp is None:
-            return None
-        fed = self.cfg.federation
-        k = len(sample_clients(fed.num_clients, fed.clients_per_round, seed=self.cfg.train.seed, round=1))
-        return self.user_dp.ledger(rounds, planned_rounds=fed.rounds, clients_per_round=k)
+        return self.server.user_level_ledger(rounds)
 
     def client_majority_rate(self) -> float:
         """Yardstick for personal accuracy: each client predicts its own test share's majority label."""

@@ -169,7 +169,8 @@ class FlowerServer:
                 "majority_rate": majority_rate(self.rt.task.test.labels),
                 "trainable_parameters": int(sum(p.numel() for p in self.rt.adapted.params.values())),
                 "dp": self.cfg.privacy.enabled, "reproducible_noise": self.cfg.privacy.reproducible_noise,
-                "sigma": [f.noise_multiplier for f in facts], "engine": "flower", "nodes": self.nodes}
+                "sigma": [f.noise_multiplier for f in facts], "user_level": self.server.user_level_ledger(0),
+                "engine": "flower", "nodes": self.nodes}
 
 
 def open_run_dir(run_config: dict[str, Any], cfg) -> RunDir:
@@ -196,6 +197,7 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     summary = {"line": summary_line(result, fl), "run_dir": str(run_dir.path), "method": fl.method.name,
                "engine": "flower", "rounds": result.rounds_done, "stop_reason": result.stop_reason,
                "final": {k: v for k, v in result.final.items() if k != "privacy"}, "privacy": fl.server.ledger(),
+               "user_level": fl.server.user_level_ledger(result.rounds_done),
                "reproducible_noise": cfg.privacy.reproducible_noise,
                "seconds": {"setup": setup, "train": result.seconds, "total": time.perf_counter() - t0}}
     run_dir.write_json("summary.json", json.loads(json.dumps(summary, default=str)))
