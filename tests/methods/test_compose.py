@@ -63,6 +63,9 @@ def test_dp_lora_with_alternating_steps_is_la_lora(tiny_cfg):
     # the row names the schedule's options that ran, as la-lora's does
     assert composed.method.variant == "dp-lora+schedule=alternate-steps (phase B, filter on)"
     assert paper.method.variant == "la-lora (phase B, filter on)"
+    # and a replaced schedule takes its options with it: la-lora with the joint schedule neither alternates nor filters
+    joint = Simulation(tiny_cfg(method={"name": "la-lora", "schedule": "joint"}, **fast)).method
+    assert joint.variant == "la-lora+schedule=joint" and not {"phase", "filter"} & set(joint.info)
     a, b = composed.run(), paper.run()
     assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in b.global_state)
 

@@ -143,8 +143,11 @@ def compose_method(name: str, overrides: dict[str, str | None], setup: MethodSet
     label = base.name + "".join(f"+{k}={changed[k].name}" for k in KINDS if k in changed)
     seams = {**own, **changed}
     check(label, seams)
+    # the options a seam records (AlternateSteps.info) go with it: a replaced seam's leave, the new one's come
+    replaced = {key for k in changed for key in getattr(getattr(base, k), "info", {})}
+    kept = {key: v for key, v in base.info.items() if key not in replaced}
     method = replace(base, name=label, **{k: built[k] for k in changed},
-                     info={**base.info, "composed_from": base.name, **{k: changed[k].name for k in changed},
+                     info={**kept, "composed_from": base.name, **{k: changed[k].name for k in changed},
                            **{key: v for k in changed for key, v in getattr(built[k], "info", {}).items()}})
     if "plan" in changed:
         plan = changed["plan"]
