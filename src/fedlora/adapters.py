@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedlora.pointwise import use_pointwise
+
 ADAPTER = "default"
 _LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|blocks|block)\.(\d+)\.")
 
@@ -179,6 +181,7 @@ def inject_adapters(model: nn.Module, cfg: Any, seed: int, head: str = "classifi
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.split(".")[-1] in targets}
     peft_model = peft.get_peft_model(model, _peft_config(cfg, [head] if cfg.train_head else None, targets,
                                                          fan_in_fan_out=kinds == {"Conv1D"}))
+    use_pointwise(peft_model)  # 1x1 conv factors (and bases) as matrix products on one-pixel maps
     factors = find_factors(peft_model)
     if not any(f.role in ("A", "B") for f in factors):
         from fedlora.errors import ConfigError  # noqa: PLC0415

@@ -34,8 +34,9 @@ def test_pointwise_conv_detection():
     assert not is_pointwise_conv(nn.Conv2d(4, 4, 1, groups=2))
 
 
+@pytest.mark.parametrize("size", [4, 1])  # 1: one-pixel maps, where 1x1 convs run as matrix products
 @pytest.mark.parametrize("roles", [("A", "B", "head"), ("A",), ("B",)])
-def test_fused_conv_per_sample_gradients_match_loop(roles):
+def test_fused_conv_per_sample_gradients_match_loop(roles, size):
     torch.manual_seed(0)
     cfg = AdapterConfig(rank=2, alpha=4, target_modules=["1.0"], layers=None)
     adapted = inject_adapters(TinyConvNet().double(), cfg, seed=0)
@@ -45,7 +46,8 @@ def test_fused_conv_per_sample_gradients_match_loop(roles):
     params = {k: adapted.params[k] for k in active}
     hooks = PerSampleGradients(adapted.params, adapted.model)
     assert set(active) <= set(hooks.linear)  # every LoRA factor is on a 1x1 conv or the head
-    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    assert any(type(m).__name__ == "PointwiseConv" for m in adapted.model.modules())
+    x = torch.randn(5, 3, size, size, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1, 0])
 
     def losses(i: torch.Tensor | slice = slice(None)) -> torch.Tensor:

