@@ -22,10 +22,10 @@ from tests.conftest import tiny_tree
 ONE_STEP = {"num_clients": 2, "rounds": 1, "local_steps": 1, "min_client_size": 20}
 
 
-def _one_step_sim(tiny_cfg, reproducible: bool) -> Simulation:
+def _one_step_sim(tiny_cfg, reproducible: bool, clipping: str = "flat") -> Simulation:
     """dp-lora, one local SGD step at lr 1: the upload minus the download is minus the privatised gradient."""
     cfg = tiny_cfg(federation=ONE_STEP, train={"lr": 1.0, "optimizer": "sgd", "momentum": 0.0},
-                   privacy={"reproducible_noise": reproducible}, eval={"diagnostics": False})
+                   privacy={"reproducible_noise": reproducible, "clipping": clipping}, eval={"diagnostics": False})
     return Simulation(cfg)
 
 
@@ -65,8 +65,9 @@ def test_default_noise_cannot_be_replayed_from_the_config_and_never_repeats(tiny
     assert _replay_attack(sim, first) > 0.5  # the noise is as large as the signal here: nothing is recovered
 
 
-def test_reproducible_noise_is_bit_identical_and_replayable_by_whoever_holds_the_config(tiny_cfg):
-    sim = _one_step_sim(tiny_cfg, reproducible=True)
+@pytest.mark.parametrize("clipping", ["flat", "per-group"])  # the replay clips as the client did, either way
+def test_reproducible_noise_is_bit_identical_and_replayable_by_whoever_holds_the_config(tiny_cfg, clipping):
+    sim = _one_step_sim(tiny_cfg, reproducible=True, clipping=clipping)
     first, second = _released_gradient(sim), _released_gradient(sim)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert _replay_attack(sim, first) < 1e-4  # the clipped gradient sum, exposed: why it is opt-in and labelled

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedlora.federation.client import ClientSpec, poisson_batch
+from fedlora.federation.client import ClientSpec, dp_step_options, poisson_batch
 from fedlora.federation.runtime import Runtime
 from fedlora.methods.base import State
 from fedlora.methods.lowrank import lora_modules
-from fedlora.privacy.dpsgd import add_noise, clip_factors, clipped_sum
+from fedlora.privacy.dpsgd import add_noise, clipped_sums
 from fedlora.privacy.noise import SeededNoise
 from fedlora.seeds import generator
 
@@ -45,7 +45,8 @@ class NoiseSplit:
 
 
 def clipped_step_sum(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: list[str]) -> State:
-    """Clipped per-example gradient sum of the active tensors on the given rows (hooked layers only)."""
+    """Clipped per-example gradient sum of the active tensors on the given rows (hooked layers only),
+    clipped as the client's DP step clips: flat, or per group under ``privacy.clipping: per-group``."""
     adapted, task = rt.adapted, rt.task
     batch = task.batch(task.train, spec.indices[rows], rt.device)
     rt.hooks.enabled = True
@@ -57,7 +58,7 @@ def clipped_step_sum(rt: Runtime, spec: ClientSpec, rows: np.ndarray, active: li
         rt.hooks.enabled = False
         rt.hooks.clear()
     assert spec.dp is not None
-    return clipped_sum(per_sample, clip_factors(per_sample, spec.dp.clip_norm))
+    return clipped_sums(per_sample, spec.dp, dp_step_options(rt, spec, None).get("groups"))
 
 
 def replay_step(rt: Runtime, spec: ClientSpec, state: State, active: list[str], *, lr: float, seed: int,
