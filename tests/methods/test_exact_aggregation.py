@@ -76,6 +76,21 @@ def test_qr_route_equals_dense_svd_to_1e6_relative():
         assert torch.allclose(vh @ vh.T, torch.eye(s.numel(), dtype=torch.float64), atol=1e-10)
 
 
+def test_product_svd_signs_depend_on_the_product_only():
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    rot, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))  # same product, other factors
+    u, s, vh = product_svd(b, a)
+    for b2, a2 in [(-b, -a), (b @ rot, rot.T @ a)]:
+        u2, s2, vh2 = product_svd(b2, a2)
+        torch.testing.assert_close(u2, u)
+        torch.testing.assert_close(vh2, vh)
+        torch.testing.assert_close(s2, s)
+    peak = u.gather(0, u.abs().argmax(0, keepdim=True))
+    assert (peak > 0).all()
+
+
 def test_fedsvd_a_has_orthonormal_rows_and_keeps_the_product():
     ctx, plan, glob, ups, w = setting()
     glob[B] = torch.randn(D, R, dtype=torch.float64)

@@ -22,11 +22,17 @@ def product_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Thin SVD ``U diag(S) Vh = b @ a`` in float64, via QR of the factors (m = inner size).
 
     Returns U (d, q), S (q,), Vh (q, k) with q = min(d, k, m) and orthonormal U columns and Vh rows.
+    Signs are canonical: each column of U has its largest-magnitude entry positive (Vh's row flips
+    with it), so the result depends on the product only, not on the factors' QR or the device's
+    LAPACK (distinct singular values assumed).
     """
     qb, rb = torch.linalg.qr(b.to(torch.float64))  # (d, q_b), (q_b, m)
     qa, ra = torch.linalg.qr(a.to(torch.float64).T)  # (k, q_a), (q_a, m)
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core (q_b, q_a)
-    return qb @ u, s, vh @ qa.T  # (d, q), (q,), (q, k)
+    u, vh = qb @ u, vh @ qa.T  # (d, q), (q, k)
+    peak = u.gather(0, u.abs().argmax(0, keepdim=True))  # (1, q): each column's largest-magnitude entry
+    sign = torch.where(peak < 0, -1.0, 1.0).to(u.dtype)
+    return u * sign, s, vh * sign.T
 
 
 def stack(bs: list[torch.Tensor], as_: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
