@@ -111,6 +111,11 @@ class FederationConfig(_Section):
     rounds: int = Field(10, gt=0)
     local_steps: int = Field(10, gt=0)
     weighting: Literal["data-size", "uniform"] = "data-size"
+    server_ema: float = Field(
+        0.0, ge=0, lt=1, description="beta of an exponential moving average of the global state over rounds, kept by the "
+        "server and the model it evaluates and saves (training continues from the plain aggregate); 0: off. "
+        "Post-processing of what the server already holds: the DP guarantee is unchanged"
+    )
     min_clients: int = Field(1, ge=1, description="fewest successful clients a round aggregates (else retry/stop)")
     retries: int = Field(0, ge=0, description="re-runs of a round's failed clients when too few succeeded")
     faults: FaultConfig = Field(default_factory=FaultConfig)

@@ -38,8 +38,10 @@ def summary_line(result: RunResult, sim: Simulation) -> str:
         label, yardstick = "accuracy", f"majority class {desc['majority_rate']:.4f}"
     else:
         yardstick = f"held-out perplexity {final['perplexity']:.4g}" if "perplexity" in final else "no class baseline"
+    beta = sim.cfg.federation.server_ema
+    released = f" (moving average of the global model, beta {beta:g})" if beta else ""
     line = (f"{sim.method.name}: {label} {acc:.4f} ({yardstick}) after "
-            f"{result.rounds_done} rounds, {privacy}, {result.seconds:.0f} s")
+            f"{result.rounds_done} rounds{released}, {privacy}, {result.seconds:.0f} s")
     if "personal_accuracy" in final:
         line += (f"; personal {label} {final['personal_accuracy']:.4f} (each client's own model on its own test "
                  f"share" + (f"; clients' own majority labels {desc['client_majority_rate']:.4f})"

@@ -74,6 +74,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if state is None else {k: v.cpu() for k, v in state.items()}
+
+
 def federation_state(sim: Any) -> dict[str, Any]:
     return {
         "round": sim.round,
@@ -81,6 +85,7 @@ def federation_state(sim: Any) -> dict[str, Any]:
         "global_state": {k: v.cpu() for k, v in sim.global_state.items()},
         "clients": [{"local": {k: v.cpu() for k, v in c.local.items()}, "dp_steps": c.dp_steps} for c in sim.clients],
         "memory": _plain(sim.memory),
+        "server_ema": _cpu(sim.server.ema),
         "metrics_rows": len(sim.metrics),
     }
 
@@ -94,6 +99,7 @@ def server_state(engine: Any) -> dict[str, Any]:
         "global_state": {k: v.cpu() for k, v in server.global_state.items()},
         "clients": [{"local": {}, "dp_steps": steps} for steps in server.steps],
         "memory": _plain(server.memory),
+        "server_ema": _cpu(server.ema),
         "metrics_rows": len(server.metrics),
         "engine": "flower",
     }
@@ -199,6 +205,8 @@ def restore(sim: Any, state: dict[str, Any], metrics: list[dict[str, Any]] | Non
     sim.clients = [ClientState(like(sim.init_local, c["local"]), int(c["dp_steps"])) for c in state["clients"]]
     sim.memory.clear()
     sim.memory.update(state.get("memory", {}))
+    ema = state.get("server_ema")  # federation.server_ema's average (absent from older checkpoints)
+    sim.server.ema = None if ema is None else like(sim.global_state, ema)
     if metrics is not None and len(metrics) != state.get("metrics_rows", len(metrics)):
         raise FedloraError(f"checkpoint of round {state['round']} expects {state['metrics_rows']} metrics records, "
                            f"got {len(metrics)}; start a new run")

@@ -51,6 +51,16 @@ def aggregate_round(method: Method, ctx: PlanContext, plan: RoundPlan, global_st
     return method.aggregate(ctx, plan, global_state, uploads, weights)
 
 
+def ema_update(ema: State | None, state: State, beta: float) -> State:
+    """``beta * ema + (1 - beta) * state`` per floating-point tensor (others: the new value); the first
+    call starts the average at ``state``. Factors are averaged one by one, not their product B A: over
+    the last rounds of a decaying schedule the factors move little and the two nearly agree."""
+    if ema is None:
+        return {k: v.clone() for k, v in state.items()}
+    return {k: torch.lerp(v, ema[k].to(v.dtype), beta) if v.is_floating_point() and k in ema else v.clone()
+            for k, v in state.items()}
+
+
 def state_bytes(state: State) -> int:
     return int(sum(t.numel() * t.element_size() for t in state.values()))
 
@@ -154,6 +164,13 @@ class Server:
         self.run_dir = None
         self.checkpoint: Any = None  # callable(round) set by the engine, or None
         self._eval_subset = None  # eval.subset's examples, drawn on first use
+        self.ema: State | None = None  # federation.server_ema's average of the global state (None: off)
+
+    @property
+    def released_state(self) -> State:
+        """The global model the server evaluates and saves: the moving average under
+        ``federation.server_ema``, else the latest aggregate."""
+        return self.ema if self.ema is not None else self.global_state
 
     # ------------------------------------------------------------------ privacy bookkeeping
     def ledger(self) -> list[dict[str, Any]]:
@@ -199,11 +216,11 @@ class Server:
         """On the test split; ``full=False`` with ``eval.subset`` set: on its fixed seeded subset."""
         self.rt.adapted.load(self.init_local)
         examples = None if full else self.eval_subset()
-        record = self.rt.evaluate(self.global_state, examples)
+        record = self.rt.evaluate(self.released_state, examples)
         if examples is not None:
             record["eval_examples"] = len(examples)  # intermediate round on eval.subset
         if self.local_keys:
-            record["personal_accuracy"] = self.runner.personal_accuracy(self.global_state)
+            record["personal_accuracy"] = self.runner.personal_accuracy(self.released_state)
             self.rt.adapted.load(self.init_local)
         return record
 
@@ -247,6 +264,8 @@ class Server:
         sizes = [self.facts[c].examples for c in outcome.answered]
         before = self.global_state
         self.global_state = aggregate_round(self.method, ctx, plan, self.global_state, uploads, sizes, fed.weighting)
+        if fed.server_ema > 0:
+            self.ema = ema_update(self.ema, self.global_state, fed.server_ema)
         record: dict[str, Any] = {
             "round": rnd,
             "clients": outcome.answered,

@@ -265,7 +265,7 @@ class Simulation:
         return self.server.evaluate()
 
     def personal_accuracy(self) -> float:
-        acc = self.runner.personal_accuracy(self.global_state)
+        acc = self.runner.personal_accuracy(self.server.released_state)
         self.rt.adapted.load(self.init_local)
         return acc
 
@@ -298,8 +298,9 @@ class Simulation:
 
     # ------------------------------------------------------------------ persistence
     def save_adapter(self, directory) -> None:
-        """The global adapter in PEFT format (local-only tensors at their initial values)."""
-        save_global_adapter(self.rt, self.init_local, self.global_state, directory)
+        """The global adapter in PEFT format (local-only tensors at their initial values; the moving
+        average under federation.server_ema)."""
+        save_global_adapter(self.rt, self.init_local, self.server.released_state, directory)
 
     def checkpoint(self, rnd: int) -> None:
         from fedlora.federation.checkpoint import save_checkpoint  # noqa: PLC0415

@@ -160,7 +160,7 @@ class FlowerServer:
         return self.server.guarantees(rounds)
 
     def save_adapter(self, directory) -> None:
-        save_global_adapter(self.rt, self.init_local, self.server.global_state, directory)
+        save_global_adapter(self.rt, self.init_local, self.server.released_state, directory)
 
     def describe(self) -> dict[str, Any]:
         """What the server knows: public facts only (no label mixes, no rows)."""
