@@ -190,6 +190,29 @@ def plot(
 
 
 @app.command()
+@user_errors
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="remove every entry")] = False,
+    directory: Annotated[Path | None, typer.Option("--dir", help="the cache folder (default: where runs keep it, "
+                                                   "$FEDLORA_CACHE_DIR/prefix or the user cache folder)")] = None,
+) -> None:
+    """The persistent prefix cache (frozen layers' outputs kept between runs): where it is, its size; --clear empties it."""
+    from fedlora.tasks.prefix_store import PrefixStore, default_dir  # noqa: PLC0415
+
+    store = PrefixStore(directory.expanduser() if directory else default_dir(), 0)
+
+    def entries(n: int) -> str:
+        return f"{n} {'entry' if n == 1 else 'entries'}"
+
+    if clear:
+        typer.echo(f"prefix cache {store.root}: removed {entries(store.clear())}")
+        return
+    count, size = store.usage()
+    typer.echo(f"prefix cache {store.root}: {entries(count)}, {size / 1e6:.1f} MB"
+               + ("" if store.root.is_dir() else " (no folder yet)"))
+
+
+@app.command()
 def methods() -> None:
     """List the registered methods: their four seams (plan, schedule, upload, aggregate) and paper.
 

@@ -254,3 +254,30 @@ def test_two_processes_racing_for_one_entry_compute_it_once(tmp_path):
     a, b = (np.load(o) for o in outs)
     assert np.array_equal(a, b) and np.array_equal(a, np.concatenate(rows(50, seed=7)))
     assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+
+def test_fedlora_cache_reports_the_folder_and_clears_it(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    monkeypatch.setenv("FEDLORA_CACHE_DIR", str(tmp_path / "root"))
+    runner = CliRunner()
+    out = runner.invoke(app, ["cache"])
+    assert out.exit_code == 0 and "0 entries" in out.output and "no folder yet" in out.output
+    store = PrefixStore(tmp_path / "root" / "prefix", 10**9)
+    store.root.mkdir(parents=True)
+    for key in ("a", "b"):
+        store.load_or_compute(key, lambda: rows(50))
+    entries_, size = store.usage()
+    assert entries_ == 2 and size == sum(p.stat().st_size for p in store.root.glob(f"*{SUFFIX}"))
+    out = runner.invoke(app, ["cache"])
+    assert f"{store.root}: 2 entries" in out.output
+    out = runner.invoke(app, ["cache", "--clear"])
+    assert out.exit_code == 0 and "removed 2 entries" in out.output
+    assert store.usage() == (0, 0) and not list(store.root.glob("*.lock"))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    PrefixStore(other, 10**9).load_or_compute("c", lambda: rows(5))
+    out = runner.invoke(app, ["cache", "--dir", str(other), "--clear"])
+    assert "removed 1 entry" in out.output and not list(other.glob(f"*{SUFFIX}"))

@@ -305,6 +305,24 @@ class PrefixStore:
         finally:
             os.close(fd)  # releases the lock
 
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) in the folder (0, 0 when it does not exist)."""
+        if not self.root.is_dir():
+            return 0, 0
+        sizes = []
+        for p in self.root.glob(f"*{SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                sizes.append(p.stat().st_size)
+        return len(sizes), sum(sizes)
+
+    def clear(self) -> int:
+        """Remove every entry (and its lock unless a process holds it); return how many were removed.
+        A run that is computing an entry meanwhile still writes it when it finishes."""
+        before, _ = self.usage()
+        if before:
+            PrefixStore(self.root, 0).evict()
+        return before - self.usage()[0]
+
     def evict(self, keep: str | None = None) -> None:
         """Remove least recently used entries (oldest mtime first, never ``keep``) until the folder's
         entries take at most ``max_bytes``; also a crashed writer's stale temporary files."""
