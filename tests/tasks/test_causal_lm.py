@@ -323,3 +323,14 @@ def test_fedlora_run_on_causal_lm(decoders: dict[str, Path], pairs: Path, tmp_pa
     result = CliRunner().invoke(app, ["run", str(cfg_file), "--rounds", "1", "-s", "method.name=ffa-lora"])
     assert result.exit_code == 0, result.output
     assert "ffa-lora: exact match" in result.output and "held-out perplexity" in result.output
+
+
+def test_batches_reach_the_device_through_the_non_blocking_copy(lm_cfg, monkeypatch) -> None:
+    from fedlora.tasks import causal_lm
+
+    copied = []
+    real = causal_lm.to_device
+    monkeypatch.setattr(causal_lm, "to_device", lambda t, d: copied.append(t.shape) or real(t, d))
+    task = Runtime(lm_cfg("llama")).task
+    batch = task.batch(task.train, np.arange(3), torch.device("cpu"))
+    assert len(copied) == 3 and set(batch) == {"input_ids", "attention_mask", "labels"}

@@ -135,3 +135,14 @@ def test_short_dp_run_learns_the_written_images(image_cfg):
     summary = run_experiment(image_cfg(), progress=False)
     assert summary["rounds"] == 3 and 0 < summary["final"]["epsilon"] <= 8.0
     assert summary["final"]["accuracy"] > 0.5  # three balanced classes: majority about 1/3
+
+
+def test_batches_reach_the_device_through_the_non_blocking_copy(image_cfg, monkeypatch):
+    """Every host tensor of a batch goes through devices.to_device (pinned, non-blocking on CUDA)."""
+    copied = []
+    real = image_mod.to_device
+    monkeypatch.setattr(image_mod, "to_device", lambda t, d: copied.append(t.dtype) or real(t, d))
+    task = image_mod.ImageClassificationTask(image_cfg(task={"max_train_examples": 20, "name": "image-classification"}).task, 0)
+    batch = task.batch(task.train, np.arange(4), torch.device("cpu"))
+    assert sorted(map(str, copied)) == ["torch.int64", "torch.uint8"]  # labels; pixels as bytes, floats there
+    assert batch["pixel_values"].dtype == torch.float32

@@ -178,3 +178,16 @@ def test_an_example_not_a_window_is_the_unit_of_privacy(qa_cfg, tmp_path):
     moved_windows = torch.sqrt(sum((window_level[k] - clipped_sum(without, clip_factors(without, c))[k]).pow(2).sum()
                                    for k in full))
     assert moved_windows > 2 * c  # per-window clipping would let one example move the sum by ~m x C
+
+
+def test_spans_reach_the_device_through_the_non_blocking_copy(qa_cfg, monkeypatch):
+    from fedlora.tasks import qa, text
+
+    copied = []
+    for mod in (qa, text):
+        real = mod.to_device
+        monkeypatch.setattr(mod, "to_device", lambda t, d, real=real: copied.append(t.shape) or real(t, d))
+    task = build_task(qa_cfg().task, 0)
+    windows = task.train.extra["windows"]
+    batch = task.batch(windows, np.arange(3), torch.device("cpu"))
+    assert "span" in batch and (3, 2) in copied

@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from fedlora.devices import to_device
 from fedlora.errors import DataError
 from fedlora.tasks.base import ExampleSet, register_task
 from fedlora.tasks.tables import _LOCAL_SUFFIXES, _hub_splits, _local_splits
@@ -155,7 +156,7 @@ class CausalLMTask:
             input_ids[r, : len(x)] = x
             mask[r, : len(x)] = 1
             labels[r, n - 1 : len(x) - 1] = x[n:]  # position t predicts token t + 1: the response tokens
-        return {k: torch.from_numpy(v).to(device) for k, v in
+        return {k: to_device(torch.from_numpy(v), device) for k, v in
                 (("input_ids", input_ids), ("attention_mask", mask), ("labels", labels))}
 
     # ------------------------------------------------------------------ model, loss, metric

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedlora.devices import to_device
 from fedlora.tasks.base import (
     ExampleSet,
     PrefixCachedClassification,
@@ -90,7 +91,7 @@ class ImageClassificationTask(PrefixCachedClassification):
 
     def pixels(self, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
         """uint8 (C, H, W) images -> normalised float (batch, 3, size, size)."""
-        x = torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32) / 255.0
+        x = to_device(torch.from_numpy(np.stack(images)), device).to(torch.float32) / 255.0
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         if x.shape[1] == 1:
@@ -140,9 +141,9 @@ class ImageClassificationTask(PrefixCachedClassification):
 
     def batch(self, examples: ExampleSet, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         idx = [int(i) for i in indices]
-        labels = torch.from_numpy(examples.labels[np.asarray(idx, dtype=np.int64)]).to(device)
+        labels = to_device(torch.from_numpy(examples.labels[np.asarray(idx, dtype=np.int64)]), device)
         if self.prefix_start > 0:
-            hidden = torch.from_numpy(np.stack([examples.features["hidden"][i] for i in idx])).to(device)
+            hidden = to_device(torch.from_numpy(np.stack([examples.features["hidden"][i] for i in idx])), device)
             return {"hidden": hidden, "labels": labels}
         return {"pixel_values": self.pixels([examples.features["pixels"][i] for i in idx], device), "labels": labels}
 

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from fedlora.devices import to_device
 from fedlora.errors import DataError
 from fedlora.tasks.base import ExampleSet, register_task
 from fedlora.tasks.tables import _hub_splits, _local_splits
@@ -175,7 +176,7 @@ class QuestionAnsweringTask(TextClassificationTask):
             batch["record"] = torch.repeat_interleave(torch.arange(len(groups), device=device), counts)
             return batch
         batch = super().batch(examples, indices, device)
-        batch["span"] = torch.from_numpy(np.stack([examples.features["span"][int(i)] for i in indices])).to(device)
+        batch["span"] = to_device(torch.from_numpy(np.stack([examples.features["span"][int(i)] for i in indices])), device)
         return batch
 
     def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
