@@ -25,7 +25,7 @@ from torch import nn
 from fedlora.config import load_config
 from fedlora.federation.client import ClientSpec, local_gradients
 from fedlora.federation.runtime import Runtime
-from fedlora.pointwise import PointwiseConv
+from fedlora.pointwise import PointwiseConv, is_pointwise_conv
 from fedlora.privacy.dpsgd import DPParams
 from fedlora.privacy.noise import SecureNoise
 from fedlora.tasks.effnet import CentreTapDepthwise
@@ -34,7 +34,7 @@ from fedlora.tasks.effnet import CentreTapDepthwise
 def set_fast_paths(model: nn.Module, on: bool, centres: dict[int, tuple[int, int] | None]) -> None:
     """Turn the one-pixel rewrites on (the default) or off (the plain convolutions) in place."""
     for m in model.modules():
-        if isinstance(m, PointwiseConv | nn.Conv2d) and type(m) in (PointwiseConv, nn.Conv2d) and m.kernel_size == (1, 1):
+        if is_pointwise_conv(m):
             m.__class__ = PointwiseConv if on else nn.Conv2d
         if isinstance(m, CentreTapDepthwise):
             centres.setdefault(id(m), m.centre)

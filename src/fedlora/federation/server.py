@@ -53,8 +53,8 @@ def aggregate_round(method: Method, ctx: PlanContext, plan: RoundPlan, global_st
 
 def ema_update(ema: State | None, state: State, beta: float) -> State:
     """``beta * ema + (1 - beta) * state`` per floating-point tensor (others: the new value); the first
-    call starts the average at ``state``. Factors are averaged one by one, not their product B A: over
-    the last rounds of a decaying schedule the factors move little and the two nearly agree."""
+    call starts the average at ``state``. Factors are averaged one by one, not their product B A
+    (docs/privacy.md says so where the option is described)."""
     if ema is None:
         return {k: v.clone() for k, v in state.items()}
     return {k: torch.lerp(v, ema[k].to(v.dtype), beta) if v.is_floating_point() and k in ema else v.clone()
